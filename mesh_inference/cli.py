@@ -1,0 +1,209 @@
+"""Command line: ``mesh-inference [OPTIONS]`` runs a node; subcommands inspect one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+
+DEFAULT_PORT = 9337
+
+
+def _console_dir() -> Path | None:
+    # console/ sits next to the package in a source checkout.
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "console", here / "console"):
+        if (cand / "index.html").is_file():
+            return cand
+    return None
+
+
+def _parse_port(value: int, flag: str) -> int:
+    if not 0 <= value <= 65535:
+        raise click.BadParameter(f"{value} is not a port (0-65535; 0 = any free port)", param_hint=flag)
+    return value
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_ref", metavar="MODEL",
+              help="Model to serve: a GGUF path, a file in ./local-models (or $MESH_INFERENCE_MODELS), "
+                   "a catalog name such as smollm2-135m, or hf://owner/repo/file.gguf.")
+@click.option("--join", "join_token", metavar="TOKEN",
+              help="Join an existing mesh with the token another node printed "
+                   "(also in its <state-dir>/join-token).")
+@click.option("--client", is_flag=True,
+              help="Contribute no memory and run no engine; only serve the API locally, "
+                   "proxied to the mesh's host.")
+@click.option("--http-host", default="127.0.0.1", show_default=True,
+              help="Address the API and console listen on (0.0.0.0 exposes them to the network).")
+@click.option("--http-port", default=DEFAULT_PORT, show_default=True, type=int,
+              help="TCP port of the OpenAI-compatible API and the console (0 = ephemeral).")
+@click.option("--quic-host", default="0.0.0.0", show_default=True,
+              help="Address the QUIC mesh port binds to.")
+@click.option("--quic-port", default=DEFAULT_PORT, show_default=True, type=int,
+              help="UDP port for the QUIC mesh (0 = ephemeral).")
+@click.option("--advertise", "advertise_host", metavar="HOST",
+              help="Address other nodes should dial (put in the join token); default: all local IPv4s.")
+@click.option("--max-vram", type=float, metavar="GB",
+              help="Memory this node offers the mesh in GB, instead of the detected free VRAM "
+                   "(or available RAM on CPU-only nodes).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path.home() / ".mesh-inference", show_default=True,
+              help="Directory for the node's identity, mesh secret, join token and logs; "
+                   "use one per node to run several nodes on one machine.")
+@click.option("--no-mdns", is_flag=True, help="Do not advertise or discover nodes with mDNS/zeroconf.")
+@click.option("--engine", "backend", type=click.Choice(["auto", "bin", "embedded"]), default="auto",
+              show_default=True,
+              help="Inference engine: real llama.cpp binaries (bin), llama-cpp-python (embedded), "
+                   "or the fastest available (auto = bin).")
+@click.option("--llama-bin", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Directory holding llama-server and rpc-server/ggml-rpc-server.")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Local models directory (default: $MESH_INFERENCE_MODELS or ./local-models).")
+@click.option("--name", help="Human-readable node name (default: host name).")
+@click.option("--ctx-size", default=4096, show_default=True, type=click.IntRange(256, 1 << 20),
+              help="Context size of the engine.")
+@click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads for the engine.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.version_option(__version__, prog_name="mesh-inference")
+@click.pass_context
+def cli(ctx: click.Context, **opts: Any) -> None:
+    """Pool the GPUs and CPUs of several machines into one llama.cpp inference service.
+
+    Run it on every machine: the first with --model, the others with --join TOKEN.
+    Every node serves the OpenAI API and the web console on --http-port.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    _run_node(**opts)
+
+
+def _run_node(**opts: Any) -> None:
+    from .jointoken import InvalidJoinToken, JoinToken
+    from .membership import MembershipTimers
+    from .models import ModelError, default_models_dir
+    from .node import Node, NodeConfig
+
+    level = logging.WARNING - 10 * min(2, opts["verbose"])
+    logging.basicConfig(level=min(level, logging.INFO) if opts["verbose"] else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _parse_port(opts["http_port"], "--http-port")
+    _parse_port(opts["quic_port"], "--quic-port")
+    if opts["max_vram"] is not None and not 0 <= opts["max_vram"] <= 1 << 20:
+        raise click.BadParameter("must be between 0 and 1048576", param_hint="--max-vram")
+    token = None
+    if opts["join_token"]:
+        try:
+            token = JoinToken.decode(opts["join_token"])
+        except InvalidJoinToken as exc:
+            raise click.BadParameter(str(exc), param_hint="--join") from None
+    if opts["model_ref"] is None and token is None and not opts["client"]:
+        raise click.UsageError("start the first node with --model MODEL, the others with --join TOKEN")
+    if opts["client"] and token is None:
+        raise click.UsageError("--client needs --join TOKEN: a client contributes nothing by itself")
+    import socket
+
+    config = NodeConfig(
+        state_dir=opts["state_dir"],
+        model_ref=opts["model_ref"],
+        join=token,
+        client=opts["client"],
+        name=opts["name"] or socket.gethostname(),
+        http_host=opts["http_host"],
+        http_port=opts["http_port"],
+        quic_host=opts["quic_host"],
+        quic_port=opts["quic_port"],
+        advertise_host=opts["advertise_host"],
+        max_vram_gb=opts["max_vram"],
+        mdns=not opts["no_mdns"],
+        backend=opts["backend"],
+        llama_bin=opts["llama_bin"],
+        models_dir=opts["models_dir"] or default_models_dir(),
+        ctx_size=opts["ctx_size"],
+        threads=opts["threads"],
+        timers=MembershipTimers(),
+        console_dir=_console_dir(),
+    )
+
+    async def main() -> int:
+        node = Node(config)
+        try:
+            await node.start()
+        except (ModelError, ValueError, OSError) as exc:
+            await node.stop()
+            click.echo(f"error: {exc}", err=True)
+            return 2
+        status = node.status()
+        click.echo(f"mesh-inference {__version__}")
+        click.echo(f"  node id    {node.node_id}  ({status['node']['role']})")
+        click.echo(f"  console    {node.http_url}/")
+        click.echo(f"  API        {node.http_url}/v1  (OpenAI-compatible)")
+        click.echo(f"  QUIC       udp/{node.quic_port}")
+        click.echo(f"  join token {node.join_token.encode() if node.join_token else '-'}")
+        click.echo(f"  join with  mesh-inference --join {node.join_token.encode() if node.join_token else ''}")
+        sys.stdout.flush()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        click.echo("stopping…", err=True)
+        await node.stop()
+        return 0
+
+    sys.exit(asyncio.run(main()))
+
+
+def _node_url(state_dir: Path, url: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    node_file = state_dir / "node.json"
+    try:
+        return str(json.loads(node_file.read_text())["http_url"])
+    except (OSError, ValueError, KeyError):
+        return f"http://127.0.0.1:{DEFAULT_PORT}"
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
+@click.option("--url", help="Node API URL (default: from --state-dir's node.json, else :9337).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path.home() / ".mesh-inference", show_default=True)
+def status(as_json: bool, url: str | None, state_dir: Path) -> None:
+    """Show a running node's view of the mesh."""
+    base = _node_url(state_dir, url)
+    try:
+        with urllib.request.urlopen(f"{base}/api/status", timeout=5) as resp:
+            data = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise click.ClickException(f"no node answering at {base}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from .status_view import render_status
+
+    render_status(data)
+
+
+def main() -> None:
+    try:
+        from .cli_models import models
+    except ImportError:  # pragma: no cover - optional during development
+        pass
+    else:
+        cli.add_command(models)
+    cli(auto_envvar_prefix="MESH_INFERENCE")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Start several real nodes on one machine (loopback): for the demo, tests and benchmarks.
+
+Each node is a real ``python -m mesh_inference`` process in its own process
+group with its own state dir; ``stop()`` ends exactly those groups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    state_dir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    http_port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def status(self, timeout: float = 3.0) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/api/status", timeout=timeout) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the node's whole process group (sidecar + its engine children)."""
+        if self.proc.poll() is None or sig == signal.SIGKILL:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalMesh:
+    root: Path
+    python: str = sys.executable
+    extra_args: list[str] = field(default_factory=list)
+    nodes: list[NodeProcess] = field(default_factory=list)
+
+    def start_node(
+        self,
+        name: str,
+        *,
+        model: str | None = None,
+        join: str | None = None,
+        client: bool = False,
+        max_vram_gb: float | None = None,
+        http_port: int = 0,
+        args: list[str] | None = None,
+    ) -> NodeProcess:
+        state = self.root / name
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "node.json").unlink(missing_ok=True)
+        argv = [self.python, "-m", "mesh_inference", "--state-dir", str(state),
+                "--http-port", str(http_port), "--quic-port", "0", "--quic-host", "127.0.0.1",
+                "--no-mdns", "--name", name, "-v", *self.extra_args, *(args or [])]
+        if model:
+            argv += ["--model", model]
+        if join:
+            argv += ["--join", join]
+        if client:
+            argv.append("--client")
+        if max_vram_gb is not None:
+            argv += ["--max-vram", str(max_vram_gb)]
+        log_path = state / "node.log"
+        log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+        log.close()
+        node = NodeProcess(name, state, proc, log_path)
+        self.nodes.append(node)
+        self._wait_node_file(node)
+        return node
+
+    def _wait_node_file(self, node: NodeProcess, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        path = node.state_dir / "node.json"
+        while time.monotonic() < deadline:
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"node {node.name} exited ({node.proc.returncode}):\n{node.log_tail()}")
+            try:
+                node.http_port = int(json.loads(path.read_text())["http_url"].rsplit(":", 1)[1])
+                return
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.1)
+        raise TimeoutError(f"node {node.name} did not start:\n{node.log_tail()}")
+
+    def join_token(self, node: NodeProcess) -> str:
+        return (node.state_dir / "join-token").read_text().strip()
+
+    def wait_for(self, node: NodeProcess, predicate: Any, timeout: float = 120.0,
+                 what: str = "condition") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"node {node.name} exited:\n{node.log_tail()}")
+            try:
+                last = node.status()
+                if predicate(last):
+                    return last
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{what} not reached on {node.name}; last status: "
+                           f"{json.dumps(last)[:2000]}\n{node.log_tail()}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                try:
+                    os.killpg(node.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        for node in self.nodes:
+            try:
+                node.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            # The group may hold engine children even after the sidecar exited.
+            try:
+                os.killpg(node.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if node.proc.poll() is None:
+                node.proc.wait()
+        self.nodes.clear()
