@@ -757,6 +757,10 @@ class Node:
                 "error": self._backend_error,
             },
             "ready": host_engine == "ready",
+            "tunnels": {
+                wid: {"port": t.port, "bytes_up": t.bytes_up, "bytes_down": t.bytes_down}
+                for wid, t in self._tunnels.items()
+            },
             "join_token": self.join_token.encode() if self.join_token else None,
             "version": __version__,
             "time": time.time(),

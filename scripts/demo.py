@@ -31,7 +31,8 @@ def main() -> int:
     ap.add_argument("--state", type=Path, default=ROOT / ".demo")
     args = ap.parse_args()
     port = args.port if port_free(args.port) else 0
-    mesh = LocalMesh(args.state)
+    # One machine plays three: one engine thread per node keeps them from fighting.
+    mesh = LocalMesh(args.state, extra_args=["--threads", "1"])
     try:
         a = mesh.start_node("node-a", model=args.model, max_vram_gb=4, http_port=port)
         token = mesh.join_token(a)
