@@ -88,15 +88,20 @@ class FrameEncoder:
 class FrameDecoder:
     """Incremental decoder: feed bytes, get whole frames.
 
-    Sequence numbers must increase by one per frame (mod 2**32): a gap or
-    repeat on a reliable stream means a buggy or hostile peer.
+    Sequence numbers start at 0 and increase by one per frame (mod 2**32):
+    a gap or repeat on a reliable stream means a buggy or hostile peer.
     """
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, check_sequence: bool = True) -> None:
+    def __init__(
+        self,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        check_sequence: bool = True,
+        first_seq: int = 0,
+    ) -> None:
         self._buf = bytearray()
         self._max_payload = max_payload
         self._check_sequence = check_sequence
-        self._expected_seq: int | None = None
+        self._expected_seq = first_seq
         self._failed = False
 
     @property
@@ -119,11 +124,8 @@ class FrameDecoder:
                     raise ProtocolError(
                         f"frame payload of {length} B exceeds limit of {self._max_payload} B"
                     )
-                if self._check_sequence:
-                    if self._expected_seq is not None and seq != self._expected_seq:
-                        raise ProtocolError(
-                            f"frame sequence {seq}, expected {self._expected_seq}"
-                        )
+                if self._check_sequence and seq != self._expected_seq:
+                    raise ProtocolError(f"frame sequence {seq}, expected {self._expected_seq}")
                 if len(self._buf) < HEADER_SIZE + length:
                     break
                 payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + length])
