@@ -77,7 +77,7 @@ def _parse_port(value: int, flag: str) -> int:
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.version_option(__version__, prog_name="mesh-inference")
 @click.pass_context
-def cli(ctx: click.Context, **opts: Any) -> None:
+def cli(ctx: click.Context, /, **opts: Any) -> None:
     """Pool the GPUs and CPUs of several machines into one llama.cpp inference service.
 
     Run it on every machine: the first with --model, the others with --join TOKEN.

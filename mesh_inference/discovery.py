@@ -89,7 +89,7 @@ class Discovery:
         if tag != self._tag or peer_id == self._node_id or not peer_id:
             return
         port = getattr(info, "port", None)
-        parsed = getattr(info, "parsed_addresses", lambda: [])()
+        parsed: list[str] = getattr(info, "parsed_addresses", list)()
         if not port or not parsed:
             return
         addrs = [f"{a}:{port}" for a in parsed if ":" not in a]

@@ -117,6 +117,9 @@ class NodeInfo:
     model_bytes: int = 0
     rpc_ready: bool = False  # its rpc-server is up (a worker is usable)
     engine_state: str = "stopped"  # the node's llama-server state, for the console
+    # Raised by a model switch; the mesh serves the model with the highest
+    # (epoch, ref) among alive nodes, and every node adopts it.
+    model_epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +202,7 @@ def _info_json(info: NodeInfo) -> dict[str, Any]:
         "model_bytes": info.model_bytes,
         "rpc_ready": info.rpc_ready,
         "engine_state": info.engine_state,
+        "model_epoch": info.model_epoch,
     }
 
 
@@ -361,6 +365,7 @@ def _node_info(v: object, where: str) -> NodeInfo:
         model_bytes=o.int_("model_bytes", 0, MAX_MEMORY),
         rpc_ready=o.bool_("rpc_ready"),
         engine_state=engine_state,
+        model_epoch=o.int_("model_epoch", 0, MAX_INCARNATION),
     )
 
 

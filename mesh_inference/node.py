@@ -108,21 +108,6 @@ def local_addresses() -> list[str]:
     return addrs or ["127.0.0.1"]
 
 
-def mesh_model_ref(infos: list[NodeInfo]) -> str | None:
-    """The model the mesh serves: the ref most nodes were started with.
-
-    Only nodes started with ``--model`` announce one; ties go to the
-    smallest ref so every node computes the same answer.
-    """
-    counts: dict[str, int] = {}
-    for info in infos:
-        if info.model:
-            counts[info.model] = counts.get(info.model, 0) + 1
-    if not counts:
-        return None
-    return min(counts, key=lambda ref: (-counts[ref], ref))
-
-
 def role_in(plan: PlanResult | None, node_id: str, client: bool) -> str:
     if client:
         return "client"
@@ -158,6 +143,8 @@ class Node:
         self._model: ResolvedModel | None = None
         self._model_layers: int | None = None
         self._mesh_model: str | None = None
+        self._model_epoch = 0
+        self._planned_model: str | None = None
         self._memory: MemoryOffer | None = None
         self._rpc_port = 0
         self._engine_port = 0
@@ -165,6 +152,7 @@ class Node:
         self.quic_port = 0
         self.join_token: JoinToken | None = None
         self._wakeup = asyncio.Event()
+        self._apply_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dialing: set[str] = set()
         self._subscribers: set[asyncio.Queue[tuple[str, dict[str, Any]]]] = set()
@@ -180,15 +168,13 @@ class Node:
         mesh = load_or_create_mesh(cfg.state_dir, cfg.join)
         self._memory = detect_memory(cfg.max_vram_gb, cfg.client)
         if cfg.model_ref is not None:
-            self._model = resolve_model(cfg.model_ref, cfg.models_dir)
-            if self._model.path is None:
+            resolved = resolve_model(cfg.model_ref, cfg.models_dir)
+            if resolved.path is None:
                 raise ModelError(
                     f"model {cfg.model_ref!r} is not on this machine; download it first with "
                     f"`mesh-inference models download {cfg.model_ref}`"
                 )
-            meta = read_gguf_metadata(self._model.path)
-            self._model_layers = meta.layers
-            self._mesh_model = cfg.model_ref
+            self._adopt_model(0, cfg.model_ref, resolved)
         if not cfg.client:
             try:
                 self._backend = find_backend(cfg.backend, cfg.llama_bin)
@@ -337,12 +323,17 @@ class Node:
             host = "127.0.0.1"
         return f"http://{host}:{self.http_port}"
 
-    def _has_mesh_model(self) -> bool:
-        if self._mesh_model is None:
-            return False
-        if self._model is not None and self._model.ref == self._mesh_model:
-            return True
-        return self._model is not None and self.config.model_ref == self._mesh_model
+    def _adopt_model(self, epoch: int, ref: str, resolved: ResolvedModel | None = None) -> None:
+        """Make ``ref`` this node's idea of the mesh model; find its file here if we have it."""
+        self._model_epoch, self._mesh_model = epoch, ref
+        self._model, self._model_layers = None, None
+        try:
+            resolved = resolved or resolve_model(ref, self.config.models_dir)
+            if resolved.path is not None:
+                self._model_layers = read_gguf_metadata(resolved.path).layers
+                self._model = resolved
+        except ModelError as exc:
+            log.info("mesh model %s is not usable here: %s", ref, exc)
 
     def _local_info(self) -> NodeInfo:
         assert self._memory is not None
@@ -353,10 +344,11 @@ class Node:
             memory_bytes=self._memory.bytes if self._backend is not None else 0,
             addrs=self.join_token.addrs if self.join_token else (),
             http_port=self.http_port,
-            model=self.config.model_ref,
-            has_model=self._has_mesh_model(),
+            model=self._mesh_model,
+            has_model=self._model is not None,
             version=__version__,
-            model_bytes=self._model.size_bytes or 0 if self._model else 0,
+            model_bytes=(self._model.size_bytes or 0) if self._model else 0,
+            model_epoch=self._model_epoch,
             rpc_ready=self._rpc is not None and self._rpc.state == "ready",
             engine_state=self._engine_state,
         )
@@ -551,12 +543,17 @@ class Node:
         if self._membership is None or self._stopping:
             return
         members = self._membership.alive_members()
-        mesh_model = mesh_model_ref(members)
-        if mesh_model != self._mesh_model:
-            self._mesh_model = mesh_model
+        best = max(((m.model_epoch, m.model) for m in members if m.model), default=None)
+        if best is not None and best != (self._model_epoch, self._mesh_model):
+            self._adopt_model(best[0], best[1])
             self._refresh_local()
             members = self._membership.alive_members()
-        model_bytes = max((m.model_bytes for m in members if m.model == mesh_model), default=0)
+        mesh_model = self._mesh_model
+        model_bytes = max(
+            (m.model_bytes for m in members
+             if m.has_model and (m.model_epoch, m.model) == (self._model_epoch, mesh_model)),
+            default=0,
+        )
         candidates = [
             Candidate(m.node_id, m.memory_bytes, m.role == "client", m.has_model)
             for m in members
@@ -564,15 +561,19 @@ class Node:
         ]
         plan: PlanResult | None
         plan = elect(candidates, model_bytes) if mesh_model is not None else None
-        if plan != self._plan:
-            log.info("plan: %s", plan)
-            self._plan = plan
+        if plan != self._plan or mesh_model != self._planned_model:
+            log.info("plan for %s: %s", mesh_model, plan)
+            self._plan, self._planned_model = plan, mesh_model
             self._spawn(self._apply_plan(plan), "apply plan")
         self._publish_status()
 
     async def _apply_plan(self, plan: PlanResult | None) -> None:
-        if plan is not self._plan:
-            return  # superseded while queued
+        # One application at a time; a plan superseded while queued is skipped.
+        async with self._apply_lock:
+            if plan is self._plan:
+                await self._apply_current(plan)
+
+    async def _apply_current(self, plan: PlanResult | None) -> None:
         is_host = isinstance(plan, Plan) and plan.host_id == self.node_id
         if not is_host or self._backend is None or self._model is None or self._model.path is None:
             await self._stop_engine("not the host" if not is_host else "no engine")
@@ -804,11 +805,23 @@ class Node:
         return self._mesh_model
 
     async def switch_model(self, ref: str) -> None:
-        resolved = resolve_model(ref, self.config.models_dir)
+        """Make the whole mesh serve ``ref``: a higher epoch wins everywhere."""
+        assert self._membership is not None
+        try:
+            resolved = resolve_model(ref, self.config.models_dir)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
         if resolved.path is None:
             raise ValueError(f"model {ref!r} is not downloaded on this node yet")
-        read_gguf_metadata(resolved.path)
-        raise ValueError("switching the mesh model is not supported yet")
+        try:
+            await asyncio.to_thread(read_gguf_metadata, resolved.path)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
+        epoch = 1 + max(m.model_epoch for m in self._membership.alive_members())
+        self._adopt_model(epoch, ref, resolved)
+        self._refresh_local()
+        self._replan()
+        self.publish("model", {"ref": ref, "epoch": epoch})
 
     def local_info_for_tests(self) -> NodeInfo:
         assert self._membership is not None

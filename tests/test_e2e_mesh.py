@@ -1,0 +1,125 @@
+"""End to end: 3 real nodes + a --client node on loopback, real QUIC, real llama.cpp, real SmolLM2."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh_inference.devmesh import LocalMesh, NodeProcess
+
+openai = pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+QUESTION = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+def _engine_available() -> str | None:
+    from mesh_inference.engine.backends import EngineUnavailable, find_backend
+
+    try:
+        find_backend("bin")
+    except EngineUnavailable as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    reason = _engine_available()
+    if reason:
+        pytest.skip(f"llama.cpp binaries not installed: {reason}")
+    root: Path = tmp_path_factory.mktemp("mesh")
+    lm = LocalMesh(root, extra_args=["--threads", "1"])
+    try:
+        a = lm.start_node("a", model="smollm2-135m", max_vram_gb=4)
+        token = lm.join_token(a)
+        b = lm.start_node("b", join=token, max_vram_gb=2)
+        c = lm.start_node("c", join=token, max_vram_gb=1)
+        client = lm.start_node("laptop", join=token, client=True)
+        st = lm.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 3,
+                         timeout=300, what="engine ready on 3 nodes")
+        yield {"lm": lm, "a": a, "b": b, "c": c, "client": client, "status": st}
+    finally:
+        lm.stop()
+
+
+def _ask(node: NodeProcess, stream: bool) -> str:
+    cli = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    if stream:
+        parts = []
+        chunks = 0
+        for chunk in cli.chat.completions.create(model="smollm2-135m", messages=QUESTION,
+                                                 temperature=0, max_tokens=24, stream=True):
+            chunks += 1
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        assert chunks > 2, "a streamed answer arrives in several chunks"
+        return "".join(parts)
+    out = cli.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0,
+                                      max_tokens=24)
+    return out.choices[0].message.content or ""
+
+
+def test_roles_and_split(mesh: dict[str, Any]) -> None:
+    st = mesh["status"]
+    a_id = st["node"]["id"]
+    assert st["node"]["role"] == "host" and st["host_id"] == a_id
+    b_id, c_id = mesh["b"].status()["node"]["id"], mesh["c"].status()["node"]["id"]
+    # workers first (most memory first), host last
+    assert st["plan"]["order"] == [b_id, c_id, a_id]
+    split = st["plan"]["tensor_split"]
+    assert split == pytest.approx([2 / 7, 1 / 7, 4 / 7], abs=0.002)
+    roles = {p["id"]: p["role"] for p in st["peers"]}
+    assert roles[b_id] == "worker" and roles[c_id] == "worker"
+    assert "client" in roles.values()
+    # every node agrees on the host
+    for name in ("b", "c", "client"):
+        assert mesh[name].status()["host_id"] == a_id
+    assert mesh["client"].status()["node"]["role"] == "client"
+
+
+@pytest.mark.parametrize("where", ["a", "client"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_client_gets_paris(mesh: dict[str, Any], where: str, stream: bool) -> None:
+    assert "Paris" in _ask(mesh[where], stream)
+
+
+def test_worker_gateway_proxies_to_host(mesh: dict[str, Any]) -> None:
+    assert "Paris" in _ask(mesh["b"], stream=False)
+
+
+def test_bad_request_is_400(mesh: dict[str, Any]) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    for node in (mesh["a"], mesh["client"]):
+        req = urllib.request.Request(f"{node.url}/v1/chat/completions", data=b"{not json",
+                                     headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 400
+        assert json.loads(err.value.read())["error"]["type"] == "invalid_request_error"
+
+
+def test_killing_a_worker_replans_to_two(mesh: dict[str, Any]) -> None:
+    lm: LocalMesh = mesh["lm"]
+    a, c = mesh["a"], mesh["c"]
+    c_id = c.status()["node"]["id"]
+    c.kill(signal.SIGKILL)
+    st = lm.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 2
+                     and c_id not in s["plan"]["order"], timeout=120,
+                     what="re-plan to two nodes")
+    assert st["plan"]["tensor_split"] == pytest.approx([1 / 3, 2 / 3], abs=0.002)
+    dead = [p for p in st["peers"] if p["id"] == c_id]
+    assert not dead or dead[0]["status"] in ("dead", "left")
+    assert "Paris" in _ask(a, stream=False)
+    assert "Paris" in _ask(mesh["client"], stream=True)
