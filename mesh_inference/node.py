@@ -46,8 +46,8 @@ from .membership import (
     PeerLeft,
 )
 from .messages import (
-    Gossip,
     Goodbye,
+    Gossip,
     Heartbeat,
     NodeInfo,
     OpenTunnel,
@@ -57,7 +57,7 @@ from .messages import (
 from .models import ModelError, ResolvedModel, read_gguf_metadata, resolve_model
 from .plan import Candidate, NoEligibleHost, Plan, WaitingForCapacity, elect
 from .proxy import serve_task
-from .quic import MeshEndpoint
+from .quic import MeshEndpoint, PeerConnection
 from .resources import MemoryOffer, detect_memory
 from .tunnel import TunnelListener, bridge_to_local
 
@@ -174,6 +174,8 @@ class Node:
                     f"model {cfg.model_ref!r} is not on this machine; download it first with "
                     f"`mesh-inference models download {cfg.model_ref}`"
                 )
+            # Fail fast on a corrupt file for the model the user asked for.
+            await asyncio.to_thread(read_gguf_metadata, resolved.path)
             self._adopt_model(0, cfg.model_ref, resolved)
         if not cfg.client:
             try:
@@ -324,16 +326,37 @@ class Node:
         return f"http://{host}:{self.http_port}"
 
     def _adopt_model(self, epoch: int, ref: str, resolved: ResolvedModel | None = None) -> None:
-        """Make ``ref`` this node's idea of the mesh model; find its file here if we have it."""
+        """Make ``ref`` this node's idea of the mesh model; find its file here if we have it.
+
+        Only cheap checks run here (on the event loop); the GGUF metadata is
+        read in a thread, because parsing a large header can take seconds and
+        a blocked loop misses heartbeats.
+        """
         self._model_epoch, self._mesh_model = epoch, ref
         self._model, self._model_layers = None, None
         try:
             resolved = resolved or resolve_model(ref, self.config.models_dir)
-            if resolved.path is not None:
-                self._model_layers = read_gguf_metadata(resolved.path).layers
-                self._model = resolved
         except ModelError as exc:
             log.info("mesh model %s is not usable here: %s", ref, exc)
+            return
+        if resolved.path is not None:
+            self._model = resolved
+            self._spawn(self._read_layers(resolved), "read model metadata")
+
+    async def _read_layers(self, resolved: ResolvedModel) -> None:
+        assert resolved.path is not None
+        try:
+            meta = await asyncio.to_thread(read_gguf_metadata, resolved.path)
+        except ModelError as exc:
+            log.warning("model %s is unusable: %s", resolved.ref, exc)
+            if self._model is resolved:
+                self._model = None
+                self._refresh_local()
+                self._replan()
+            return
+        if self._model is resolved:
+            self._model_layers = meta.layers
+            self._publish_status()
 
     def _local_info(self) -> NodeInfo:
         assert self._memory is not None
@@ -389,8 +412,8 @@ class Node:
         assert self._loop is not None
         return self._loop.time()
 
-    def _on_peer_connected(self, conn: Any) -> None:
-        log.info("peer %s connected from %s", conn.peer_id, getattr(conn, "remote_address", "?"))
+    def _on_peer_connected(self, conn: PeerConnection) -> None:
+        log.info("peer %s connected from %s", conn.peer_id, conn.remote_address)
         assert self._membership is not None
         self._membership.handle_connected(conn.peer_id, self._now())
         self._pump_membership()
@@ -470,11 +493,23 @@ class Node:
         log.info("membership: %s", event)
         if isinstance(event, PeerDiscovered):
             if event.info.node_id != self.node_id:
+                # The smaller id dials; the other waits a little, so both rarely dial at once.
+                delay = 0.0 if self.node_id < event.info.node_id else 3.0
                 for addr in event.info.addrs:
-                    self._spawn(self._dial_loop(addr, bootstrap=False, peer_id=event.info.node_id),
+                    self._spawn(self._dial_loop(addr, bootstrap=False,
+                                                peer_id=event.info.node_id, delay=delay),
                                 f"dial {addr}")
         elif isinstance(event, PeerDied | PeerLeft):
             pid = event.node_id
+            if self._endpoint is not None:
+                self._endpoint.disconnect(pid, "declared dead" if isinstance(event, PeerDied)
+                                          else "left")
+            if isinstance(event, PeerDied) and self._membership is not None:
+                # It may only have been slow: keep knocking for a while.
+                rec = next((r for r in self._membership.records() if r.info.node_id == pid), None)
+                for addr in rec.info.addrs if rec else ():
+                    self._spawn(self._dial_loop(addr, bootstrap=False, peer_id=pid, delay=0.5,
+                                                give_up_after=600.0), f"redial {addr}")
             tunnel = self._tunnels.pop(pid, None)
             if tunnel is not None:
                 self._spawn(tunnel.close(), f"close tunnel {pid}")
@@ -497,23 +532,33 @@ class Node:
                 self._membership.handle_timer(now)
                 self._pump_membership()
 
-    async def _dial_loop(self, addr: str, *, bootstrap: bool, peer_id: str | None = None) -> None:
-        """Dial until connected; a bootstrap address is retried while we are alone."""
-        assert self._endpoint is not None
-        if addr in self._dialing:
+    async def _dial_loop(self, addr: str, *, bootstrap: bool, peer_id: str | None = None,
+                         delay: float = 0.0, give_up_after: float = 60.0) -> None:
+        """Dial ``addr`` until connected, with back-off.
+
+        A bootstrap (join token) address is dialed again whenever this node
+        finds itself alone; a known peer is dialed until it answers, leaves,
+        or ``give_up_after`` seconds pass.
+        """
+        assert self._endpoint is not None and self._loop is not None
+        key = f"{addr}/{peer_id}"
+        if key in self._dialing:
             return
-        self._dialing.add(addr)
-        delay = 0.2
+        self._dialing.add(key)
+        deadline = self._loop.time() + give_up_after
         try:
-            while not self._stopping:
-                if peer_id is not None and peer_id in self._endpoint.peers():
-                    return
-                if peer_id is not None and self._membership is not None:
-                    if self._membership.status_of(peer_id) in ("dead", "left"):
+            if delay:
+                await asyncio.sleep(delay)
+            delay = 0.2
+            own = {f"{h}:{self.quic_port}" for h in self._advertise_hosts()}
+            while not self._stopping and addr not in own:
+                if peer_id is not None:
+                    if peer_id in self._endpoint.peers():
                         return
-                own = {f"{h}:{self.quic_port}" for h in self._advertise_hosts()}
-                if addr in own:
-                    return
+                    if self._membership is not None and self._membership.status_of(peer_id) == "left":
+                        return
+                    if self._loop.time() > deadline:
+                        return
                 try:
                     got = await self._endpoint.dial(addr)
                 except Exception as exc:
@@ -522,15 +567,14 @@ class Node:
                     log.info("dialed %s: node %s", addr, got)
                     if not bootstrap:
                         return
-                    # Re-dial a bootstrap address only if the mesh disappears.
-                    while got in self._endpoint.peers() and not self._stopping:
+                    while not self._stopping and self._endpoint.peers():
                         await asyncio.sleep(1.0)
-                    if self._endpoint.peers():
-                        return
+                    delay = 0.2
+                    continue
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         finally:
-            self._dialing.discard(addr)
+            self._dialing.discard(key)
 
     def _on_mdns_found(self, peer_id: str, addrs: list[str]) -> None:
         if self._endpoint is None or peer_id in self._endpoint.peers():
