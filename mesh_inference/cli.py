@@ -30,49 +30,107 @@ def _console_dir() -> Path | None:
 
 def _parse_port(value: int, flag: str) -> int:
     if not 0 <= value <= 65535:
-        raise click.BadParameter(f"{value} is not a port (0-65535; 0 = any free port)", param_hint=flag)
+        raise click.BadParameter(
+            f"{value} is not a port (0-65535; 0 = any free port)", param_hint=flag
+        )
     return value
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "model_ref", metavar="MODEL",
-              help="Model to serve: a GGUF path, a file in ./local-models (or $MESH_INFERENCE_MODELS), "
-                   "a catalog name such as smollm2-135m, or hf://owner/repo/file.gguf.")
-@click.option("--join", "join_token", metavar="TOKEN",
-              help="Join an existing mesh with the token another node printed "
-                   "(also in its <state-dir>/join-token).")
-@click.option("--client", is_flag=True,
-              help="Contribute no memory and run no engine; only serve the API locally, "
-                   "proxied to the mesh's host.")
-@click.option("--http-host", default="127.0.0.1", show_default=True,
-              help="Address the API and console listen on (0.0.0.0 exposes them to the network).")
-@click.option("--http-port", default=DEFAULT_PORT, show_default=True, type=int,
-              help="TCP port of the OpenAI-compatible API and the console (0 = ephemeral).")
-@click.option("--quic-host", default="0.0.0.0", show_default=True,
-              help="Address the QUIC mesh port binds to.")
-@click.option("--quic-port", default=DEFAULT_PORT, show_default=True, type=int,
-              help="UDP port for the QUIC mesh (0 = ephemeral).")
-@click.option("--advertise", "advertise_host", metavar="HOST",
-              help="Address other nodes should dial (put in the join token); default: all local IPv4s.")
-@click.option("--max-vram", type=float, metavar="GB",
-              help="Memory this node offers the mesh in GB, instead of the detected free VRAM "
-                   "(or available RAM on CPU-only nodes).")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path.home() / ".mesh-inference", show_default=True,
-              help="Directory for the node's identity, mesh secret, join token and logs; "
-                   "use one per node to run several nodes on one machine.")
-@click.option("--no-mdns", is_flag=True, help="Do not advertise or discover nodes with mDNS/zeroconf.")
-@click.option("--engine", "backend", type=click.Choice(["auto", "bin", "embedded"]), default="auto",
-              show_default=True,
-              help="Inference engine: real llama.cpp binaries (bin), llama-cpp-python (embedded), "
-                   "or the fastest available (auto = bin).")
-@click.option("--llama-bin", type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Directory holding llama-server and rpc-server/ggml-rpc-server.")
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Local models directory (default: $MESH_INFERENCE_MODELS or ./local-models).")
+@click.option(
+    "--model",
+    "model_ref",
+    metavar="MODEL",
+    help="Model to serve: a GGUF path, a file in ./local-models (or $MESH_INFERENCE_MODELS), "
+    "a catalog name such as smollm2-135m, or hf://owner/repo/file.gguf.",
+)
+@click.option(
+    "--join",
+    "join_token",
+    metavar="TOKEN",
+    help="Join an existing mesh with the token another node printed "
+    "(also in its <state-dir>/join-token).",
+)
+@click.option(
+    "--client",
+    is_flag=True,
+    help="Contribute no memory and run no engine; only serve the API locally, "
+    "proxied to the mesh's host.",
+)
+@click.option(
+    "--http-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the API and console listen on (0.0.0.0 exposes them to the network).",
+)
+@click.option(
+    "--http-port",
+    default=DEFAULT_PORT,
+    show_default=True,
+    type=int,
+    help="TCP port of the OpenAI-compatible API and the console (0 = ephemeral).",
+)
+@click.option(
+    "--quic-host", default="0.0.0.0", show_default=True, help="Address the QUIC mesh port binds to."
+)
+@click.option(
+    "--quic-port",
+    default=DEFAULT_PORT,
+    show_default=True,
+    type=int,
+    help="UDP port for the QUIC mesh (0 = ephemeral).",
+)
+@click.option(
+    "--advertise",
+    "advertise_host",
+    metavar="HOST",
+    help="Address other nodes should dial (put in the join token); default: all local IPv4s.",
+)
+@click.option(
+    "--max-vram",
+    type=float,
+    metavar="GB",
+    help="Memory this node offers the mesh in GB, instead of the detected free VRAM "
+    "(or available RAM on CPU-only nodes).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path.home() / ".mesh-inference",
+    show_default=True,
+    help="Directory for the node's identity, mesh secret, join token and logs; "
+    "use one per node to run several nodes on one machine.",
+)
+@click.option(
+    "--no-mdns", is_flag=True, help="Do not advertise or discover nodes with mDNS/zeroconf."
+)
+@click.option(
+    "--engine",
+    "backend",
+    type=click.Choice(["auto", "bin", "embedded"]),
+    default="auto",
+    show_default=True,
+    help="Inference engine: real llama.cpp binaries (bin), llama-cpp-python (embedded), "
+    "or the fastest available (auto = bin).",
+)
+@click.option(
+    "--llama-bin",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Directory holding llama-server and rpc-server/ggml-rpc-server.",
+)
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Local models directory (default: $MESH_INFERENCE_MODELS or ./local-models).",
+)
 @click.option("--name", help="Human-readable node name (default: host name).")
-@click.option("--ctx-size", default=4096, show_default=True, type=click.IntRange(256, 1 << 20),
-              help="Context size of the engine.")
+@click.option(
+    "--ctx-size",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(256, 1 << 20),
+    help="Context size of the engine.",
+)
 @click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads for the engine.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.version_option(__version__, prog_name="mesh-inference")
@@ -95,8 +153,10 @@ def _run_node(**opts: Any) -> None:
     from .node import Node, NodeConfig
 
     level = logging.WARNING - 10 * min(2, opts["verbose"])
-    logging.basicConfig(level=min(level, logging.INFO) if opts["verbose"] else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=min(level, logging.INFO) if opts["verbose"] else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     _parse_port(opts["http_port"], "--http-port")
     _parse_port(opts["quic_port"], "--quic-port")
     if opts["max_vram"] is not None and not 0 <= opts["max_vram"] <= 1 << 20:
@@ -108,9 +168,13 @@ def _run_node(**opts: Any) -> None:
         except InvalidJoinToken as exc:
             raise click.BadParameter(str(exc), param_hint="--join") from None
     if opts["model_ref"] is None and token is None and not opts["client"]:
-        raise click.UsageError("start the first node with --model MODEL, the others with --join TOKEN")
+        raise click.UsageError(
+            "start the first node with --model MODEL, the others with --join TOKEN"
+        )
     if opts["client"] and token is None:
-        raise click.UsageError("--client needs --join TOKEN: a client contributes nothing by itself")
+        raise click.UsageError(
+            "--client needs --join TOKEN: a client contributes nothing by itself"
+        )
     import socket
 
     config = NodeConfig(
@@ -143,6 +207,7 @@ def _run_node(**opts: Any) -> None:
             await node.stop()
             click.echo(f"error: {exc}", err=True)
             return 2
+        token = node.join_token.encode() if node.join_token else "-"
         status = node.status()
         click.echo(f"mesh-inference {__version__}")
         click.echo(f"  node id    {node.node_id}  ({status['node']['role']})")
@@ -150,7 +215,9 @@ def _run_node(**opts: Any) -> None:
         click.echo(f"  API        {node.http_url}/v1  (OpenAI-compatible)")
         click.echo(f"  QUIC       udp/{node.quic_port}")
         click.echo(f"  join token {node.join_token.encode() if node.join_token else '-'}")
-        click.echo(f"  join with  mesh-inference --join {node.join_token.encode() if node.join_token else ''}")
+        click.echo(
+            f"  join with  mesh-inference --join {token}"
+        )
         sys.stdout.flush()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -177,8 +244,12 @@ def _node_url(state_dir: Path, url: str | None) -> str:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
 @click.option("--url", help="Node API URL (default: from --state-dir's node.json, else :9337).")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path.home() / ".mesh-inference", show_default=True)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path.home() / ".mesh-inference",
+    show_default=True,
+)
 def status(as_json: bool, url: str | None, state_dir: Path) -> None:
     """Show a running node's view of the mesh."""
     base = _node_url(state_dir, url)

@@ -6,6 +6,7 @@ group with its own state dir; ``stop()`` ends exactly those groups.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,10 +40,8 @@ class NodeProcess:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the node's whole process group (sidecar + its engine children)."""
         if self.proc.poll() is None or sig == signal.SIGKILL:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -77,9 +76,25 @@ class LocalMesh:
         state = self.root / name
         state.mkdir(parents=True, exist_ok=True)
         (state / "node.json").unlink(missing_ok=True)
-        argv = [self.python, "-m", "mesh_inference", "--state-dir", str(state),
-                "--http-port", str(http_port), "--quic-port", "0", "--quic-host", "127.0.0.1",
-                "--no-mdns", "--name", name, "-v", *self.extra_args, *(args or [])]
+        argv = [
+            self.python,
+            "-m",
+            "mesh_inference",
+            "--state-dir",
+            str(state),
+            "--http-port",
+            str(http_port),
+            "--quic-port",
+            "0",
+            "--quic-host",
+            "127.0.0.1",
+            "--no-mdns",
+            "--name",
+            name,
+            "-v",
+            *self.extra_args,
+            *(args or []),
+        ]
         if model:
             argv += ["--model", model]
         if join:
@@ -91,8 +106,14 @@ class LocalMesh:
         log_path = state / "node.log"
         log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
         log.close()
         node = NodeProcess(name, state, proc, log_path)
         self.nodes.append(node)
@@ -104,7 +125,9 @@ class LocalMesh:
         path = node.state_dir / "node.json"
         while time.monotonic() < deadline:
             if node.proc.poll() is not None:
-                raise RuntimeError(f"node {node.name} exited ({node.proc.returncode}):\n{node.log_tail()}")
+                raise RuntimeError(
+                    f"node {node.name} exited ({node.proc.returncode}):\n{node.log_tail()}"
+                )
             try:
                 node.http_port = int(json.loads(path.read_text())["http_url"].rsplit(":", 1)[1])
                 return
@@ -115,8 +138,9 @@ class LocalMesh:
     def join_token(self, node: NodeProcess) -> str:
         return (node.state_dir / "join-token").read_text().strip()
 
-    def wait_for(self, node: NodeProcess, predicate: Any, timeout: float = 120.0,
-                 what: str = "condition") -> dict[str, Any]:
+    def wait_for(
+        self, node: NodeProcess, predicate: Any, timeout: float = 120.0, what: str = "condition"
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -129,8 +153,10 @@ class LocalMesh:
             except (urllib.error.URLError, OSError, ValueError):
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"{what} not reached on {node.name}; last status: "
-                           f"{json.dumps(last)[:2000]}\n{node.log_tail()}")
+        raise TimeoutError(
+            f"{what} not reached on {node.name}; last status: "
+            f"{json.dumps(last)[:2000]}\n{node.log_tail()}"
+        )
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -140,15 +166,11 @@ class LocalMesh:
                 except ProcessLookupError:
                     continue
         for node in self.nodes:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 node.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
             # The group may hold engine children even after the sidecar exited.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             if node.proc.poll() is None:
                 node.proc.wait()
         self.nodes.clear()

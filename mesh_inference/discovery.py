@@ -36,7 +36,9 @@ class Discovery:
         quic_port: int,
         addresses: list[str],
         on_found: Callable[[str, list[str]], None],
+        interfaces: list[str] | None = None,
     ) -> None:
+        self._interfaces = interfaces
         self._node_id = node_id
         self._tag = mesh_tag(mesh_id)
         self._port = quic_port
@@ -48,7 +50,10 @@ class Discovery:
         self._info: AsyncServiceInfo | None = None
 
     async def start(self) -> None:
-        self._azc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        if self._interfaces:
+            self._azc = AsyncZeroconf(ip_version=IPVersion.V4Only, interfaces=self._interfaces)
+        else:
+            self._azc = AsyncZeroconf(ip_version=IPVersion.V4Only)
         self._info = AsyncServiceInfo(
             SERVICE_TYPE,
             f"{self._node_id}.{SERVICE_TYPE}",
@@ -64,23 +69,22 @@ class Discovery:
     def _on_change(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
+        # Called on the event loop: resolve asynchronously, never block it.
         if state_change is not ServiceStateChange.Added:
             return
-        info = zeroconf.get_service_info(service_type, name, timeout=0)
-        if info is None:
-            # Not cached yet: ask asynchronously.
-            task = asyncio.ensure_future(self._resolve(service_type, name))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
-        self._report(info)
+        task = asyncio.ensure_future(self._resolve(service_type, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, service_type: str, name: str) -> None:
         if self._azc is None:
             return
         info = AsyncServiceInfo(service_type, name)
-        if await info.async_request(self._azc.zeroconf, 3000):
-            self._report(info)
+        try:
+            if await info.async_request(self._azc.zeroconf, 3000):
+                self._report(info)
+        except Exception as exc:  # a malformed announcement must not hurt us
+            log.debug("mDNS: cannot resolve %s: %s", name, exc)
 
     def _report(self, info: object) -> None:
         props = getattr(info, "properties", None) or {}

@@ -107,11 +107,16 @@ async def _relay(request: web.Request, resp: ProxiedResponse) -> web.StreamRespo
     try:
         async for chunk in resp.body_iter:
             await out.write(chunk)
-    except (ProxyError, aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, ProxyError, aiohttp.ClientError, ConnectionError) as exc:
         log.warning("response stream broke: %s", exc)
         if is_sse:
-            err = {"error": {"message": f"the stream broke: {exc}", "type": "server_error",
-                             "code": "stream_broken"}}
+            err = {
+                "error": {
+                    "message": f"the stream broke: {exc}",
+                    "type": "server_error",
+                    "code": "stream_broken",
+                }
+            }
             with contextlib.suppress(Exception):
                 await out.write(f"data: {json.dumps(err)}\n\n".encode())
         return out
@@ -126,12 +131,19 @@ async def _relay(request: web.Request, resp: ProxiedResponse) -> web.StreamRespo
 
 
 async def call_engine(
-    session: aiohttp.ClientSession, base_url: str, method: str, path: str,
-    headers: Any, body: bytes,
+    session: aiohttp.ClientSession,
+    base_url: str,
+    method: str,
+    path: str,
+    headers: Any,
+    body: bytes,
 ) -> ProxiedResponse:
     """One request to a local HTTP service, its body as an async iterator."""
     resp = await session.request(
-        method, base_url + path, data=body or None, headers=dict(filter_headers(headers)),
+        method,
+        base_url + path,
+        data=body or None,
+        headers=dict(filter_headers(headers)),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
     )
 
@@ -142,8 +154,11 @@ async def call_engine(
         finally:
             resp.release()
 
-    headers_out = [(k.lower(), v) for k, v in resp.headers.items()
-                   if k.lower() in ("content-type", "cache-control")]
+    headers_out = [
+        (k.lower(), v)
+        for k, v in resp.headers.items()
+        if k.lower() in ("content-type", "cache-control")
+    ]
     return ProxiedResponse(resp.status, headers_out, body_iter())
 
 
@@ -152,11 +167,17 @@ def make_local_handler(base_url: str, session: aiohttp.ClientSession) -> Any:
 
     async def handler(head: TaskHead, body: bytes) -> ProxiedResponse:
         try:
-            return await call_engine(session, base_url, head.method, head.path,
-                                     head.headers, body)
+            return await call_engine(session, base_url, head.method, head.path, head.headers, body)
         except aiohttp.ClientError as exc:
-            msg = json.dumps({"error": {"message": f"host gateway unreachable: {exc}",
-                                        "type": "service_unavailable", "code": "no_host"}})
+            msg = json.dumps(
+                {
+                    "error": {
+                        "message": f"host gateway unreachable: {exc}",
+                        "type": "service_unavailable",
+                        "code": "no_host",
+                    }
+                }
+            )
 
             async def one() -> AsyncIterator[bytes]:
                 yield msg.encode()
@@ -177,30 +198,43 @@ async def _api(request: web.Request, kind: str) -> web.StreamResponse:
         url = backend.engine_url()
         if url is None:
             state = backend.status().get("engine", {}).get("state", "unknown")
-            return openai_error(503, f"The mesh has no engine ready yet ({state}); try again "
-                                "in a few seconds.", "service_unavailable", "engine_not_ready")
+            return openai_error(
+                503,
+                f"The mesh has no engine ready yet ({state}); try again in a few seconds.",
+                "service_unavailable",
+                "engine_not_ready",
+            )
         try:
-            resp = await call_engine(request.app[SESSION_KEY], url, "POST", request.path,
-                                     request.headers, raw)
+            resp = await call_engine(
+                request.app[SESSION_KEY], url, "POST", request.path, request.headers, raw
+            )
         except aiohttp.ClientError as exc:
-            return openai_error(502, f"the engine did not answer: {exc}", "server_error",
-                                "engine_unreachable")
+            return openai_error(
+                502, f"the engine did not answer: {exc}", "server_error", "engine_unreachable"
+            )
         return await _relay(request, resp)
     if hops != "0":
-        return openai_error(503, "this node is not the host either (views of the mesh differ "
-                            "for a moment); retry", "service_unavailable", "no_host")
+        return openai_error(
+            503,
+            "this node is not the host either (views of the mesh differ for a moment); retry",
+            "service_unavailable",
+            "no_host",
+        )
     try:
         reader, writer = await backend.open_host_stream()
     except NoHostError as exc:
-        return openai_error(503, f"The mesh has no host yet: {exc}", "service_unavailable",
-                            "no_host")
+        return openai_error(
+            503, f"The mesh has no host yet: {exc}", "service_unavailable", "no_host"
+        )
     headers = [*filter_headers(request.headers), (HOPS, "1")]
     try:
-        resp = await forward_request(reader, writer, method="POST", path=request.path,
-                                     headers=headers, body=raw)
+        resp = await forward_request(
+            reader, writer, method="POST", path=request.path, headers=headers, body=raw
+        )
     except ProxyError as exc:
-        return openai_error(502, f"the host did not answer: {exc}", "server_error",
-                            "host_unreachable")
+        return openai_error(
+            502, f"the host did not answer: {exc}", "server_error", "host_unreachable"
+        )
     return await _relay(request, resp)
 
 
@@ -215,9 +249,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     backend: GatewayBackend = request.app[BACKEND_KEY]
     name = backend.served_model()
-    data = [] if name is None else [
-        {"id": name, "object": "model", "created": 0, "owned_by": "mesh-inference"}
-    ]
+    data = (
+        []
+        if name is None
+        else [{"id": name, "object": "model", "created": 0, "owned_by": "mesh-inference"}]
+    )
     return web.json_response({"object": "list", "data": data})
 
 
@@ -233,8 +269,9 @@ async def status(request: web.Request) -> web.Response:
 
 async def events(request: web.Request) -> web.StreamResponse:
     backend: GatewayBackend = request.app[BACKEND_KEY]
-    resp = web.StreamResponse(headers={"content-type": "text/event-stream",
-                                       "cache-control": "no-cache"})
+    resp = web.StreamResponse(
+        headers={"content-type": "text/event-stream", "cache-control": "no-cache"}
+    )
     await resp.prepare(request)
     stream = backend.subscribe()
     try:

@@ -162,21 +162,37 @@ def resolve_model(ref: str, models_dir: Path | None = None) -> ResolvedModel:
         path = local if local.is_file() else None
         if path is not None:
             check_gguf(path)
-        return ResolvedModel(ref, Path(hf.file).name.removesuffix(".gguf"), path,
-                             path.stat().st_size if path else None, "hf", hf=hf)
+        return ResolvedModel(
+            ref,
+            Path(hf.file).name.removesuffix(".gguf"),
+            path,
+            path.stat().st_size if path else None,
+            "hf",
+            hf=hf,
+        )
     as_path = Path(ref).expanduser()
     if ref.endswith(".gguf") and ("/" in ref or as_path.is_file()):
         if not as_path.is_file():
             raise ModelError(f"model file {ref} does not exist")
         check_gguf(as_path)
-        return ResolvedModel(ref, as_path.name.removesuffix(".gguf"), as_path.resolve(),
-                             as_path.stat().st_size, "path")
+        return ResolvedModel(
+            ref,
+            as_path.name.removesuffix(".gguf"),
+            as_path.resolve(),
+            as_path.stat().st_size,
+            "path",
+        )
     if _NAME.match(ref):
         for cand in (models_dir / ref, models_dir / f"{ref}.gguf"):
             if cand.is_file() and cand.suffix == ".gguf":
                 check_gguf(cand)
-                return ResolvedModel(ref, cand.name.removesuffix(".gguf"), cand.resolve(),
-                                     cand.stat().st_size, "local")
+                return ResolvedModel(
+                    ref,
+                    cand.name.removesuffix(".gguf"),
+                    cand.resolve(),
+                    cand.stat().st_size,
+                    "local",
+                )
         catalog = {e.name: e for e in load_catalog()}
         entry = catalog.get(ref)
         if entry is not None:
@@ -186,9 +202,15 @@ def resolve_model(ref: str, models_dir: Path | None = None) -> ResolvedModel:
                 path = local if local.is_file() else None
             if path is not None:
                 check_gguf(path)
-            return ResolvedModel(ref, entry.name, path,
-                                 path.stat().st_size if path else entry.size_bytes, "catalog",
-                                 entry=entry, hf=HfRef(entry.repo, entry.file))
+            return ResolvedModel(
+                ref,
+                entry.name,
+                path,
+                path.stat().st_size if path else entry.size_bytes,
+                "catalog",
+                entry=entry,
+                hf=HfRef(entry.repo, entry.file),
+            )
         close = difflib.get_close_matches(ref, list(catalog), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ModelError(
@@ -255,7 +277,9 @@ def list_local_models(models_dir: Path) -> list[ResolvedModel]:
         m = _SPLIT.match(p.name)
         if m and int(m["idx"]) != 1:
             continue
-        out.append(ResolvedModel(p.name, p.name.removesuffix(".gguf"), p, p.stat().st_size, "local"))
+        out.append(
+            ResolvedModel(p.name, p.name.removesuffix(".gguf"), p, p.stat().st_size, "local")
+        )
     return out
 
 

@@ -245,7 +245,7 @@ class Node:
     def _advertise_hosts(self) -> list[str]:
         host = self.config.quic_host
         if host in ("0.0.0.0", ""):
-            return local_addresses() + ["127.0.0.1"]
+            return [*local_addresses(), "127.0.0.1"]
         return [host]
 
     def _extend_app(self, app: web.Application) -> None:
@@ -484,10 +484,9 @@ class Node:
                 Gossip: MessageType.GOSSIP,
                 Goodbye: MessageType.GOODBYE,
             }[type(out.message)]
-            try:
+            # KeyError: the connection went away between the timer and the send.
+            with contextlib.suppress(KeyError):
                 self._endpoint.send_control(out.peer_id, mtype, payload)
-            except KeyError:
-                pass  # the connection went away between the timer and the send
 
     def _on_membership_event(self, event: MembershipEvent) -> None:
         log.info("membership: %s", event)
@@ -496,20 +495,28 @@ class Node:
                 # The smaller id dials; the other waits a little, so both rarely dial at once.
                 delay = 0.0 if self.node_id < event.info.node_id else 3.0
                 for addr in event.info.addrs:
-                    self._spawn(self._dial_loop(addr, bootstrap=False,
-                                                peer_id=event.info.node_id, delay=delay),
-                                f"dial {addr}")
+                    self._spawn(
+                        self._dial_loop(
+                            addr, bootstrap=False, peer_id=event.info.node_id, delay=delay
+                        ),
+                        f"dial {addr}",
+                    )
         elif isinstance(event, PeerDied | PeerLeft):
             pid = event.node_id
             if self._endpoint is not None:
-                self._endpoint.disconnect(pid, "declared dead" if isinstance(event, PeerDied)
-                                          else "left")
+                self._endpoint.disconnect(
+                    pid, "declared dead" if isinstance(event, PeerDied) else "left"
+                )
             if isinstance(event, PeerDied) and self._membership is not None:
                 # It may only have been slow: keep knocking for a while.
                 rec = next((r for r in self._membership.records() if r.info.node_id == pid), None)
                 for addr in rec.info.addrs if rec else ():
-                    self._spawn(self._dial_loop(addr, bootstrap=False, peer_id=pid, delay=0.5,
-                                                give_up_after=600.0), f"redial {addr}")
+                    self._spawn(
+                        self._dial_loop(
+                            addr, bootstrap=False, peer_id=pid, delay=0.5, give_up_after=600.0
+                        ),
+                        f"redial {addr}",
+                    )
             tunnel = self._tunnels.pop(pid, None)
             if tunnel is not None:
                 self._spawn(tunnel.close(), f"close tunnel {pid}")
@@ -532,8 +539,15 @@ class Node:
                 self._membership.handle_timer(now)
                 self._pump_membership()
 
-    async def _dial_loop(self, addr: str, *, bootstrap: bool, peer_id: str | None = None,
-                         delay: float = 0.0, give_up_after: float = 60.0) -> None:
+    async def _dial_loop(
+        self,
+        addr: str,
+        *,
+        bootstrap: bool,
+        peer_id: str | None = None,
+        delay: float = 0.0,
+        give_up_after: float = 60.0,
+    ) -> None:
         """Dial ``addr`` until connected, with back-off.
 
         A bootstrap (join token) address is dialed again whenever this node
@@ -555,7 +569,10 @@ class Node:
                 if peer_id is not None:
                     if peer_id in self._endpoint.peers():
                         return
-                    if self._membership is not None and self._membership.status_of(peer_id) == "left":
+                    if (
+                        self._membership is not None
+                        and self._membership.status_of(peer_id) == "left"
+                    ):
                         return
                     if self._loop.time() > deadline:
                         return
@@ -567,7 +584,7 @@ class Node:
                     log.info("dialed %s: node %s", addr, got)
                     if not bootstrap:
                         return
-                    while not self._stopping and self._endpoint.peers():
+                    while not self._stopping and self._endpoint.peers():  # noqa: ASYNC110
                         await asyncio.sleep(1.0)
                     delay = 0.2
                     continue
@@ -594,8 +611,11 @@ class Node:
             members = self._membership.alive_members()
         mesh_model = self._mesh_model
         model_bytes = max(
-            (m.model_bytes for m in members
-             if m.has_model and (m.model_epoch, m.model) == (self._model_epoch, mesh_model)),
+            (
+                m.model_bytes
+                for m in members
+                if m.has_model and (m.model_epoch, m.model) == (self._model_epoch, mesh_model)
+            ),
             default=0,
         )
         candidates = [
@@ -735,18 +755,33 @@ class Node:
         now = self._now()
         plan = self._plan
         shares: dict[str, float] = {}
-        plan_json: dict[str, Any] = {"state": "none", "host_id": None, "order": [],
-                                     "tensor_split": [], "reason": "no model announced"}
+        plan_json: dict[str, Any] = {
+            "state": "none",
+            "host_id": None,
+            "order": [],
+            "tensor_split": [],
+            "reason": "no model announced",
+        }
         if isinstance(plan, Plan):
             order = [*plan.workers, plan.host_id]
             shares = dict(zip(order, plan.tensor_split, strict=True))
-            plan_json = {"state": "planned", "host_id": plan.host_id, "order": order,
-                         "tensor_split": list(plan.tensor_split), "reason": None}
+            plan_json = {
+                "state": "planned",
+                "host_id": plan.host_id,
+                "order": order,
+                "tensor_split": list(plan.tensor_split),
+                "reason": None,
+            }
         elif isinstance(plan, WaitingForCapacity):
-            plan_json = {"state": "waiting", "host_id": plan.host_id, "order": [],
-                         "tensor_split": [], "reason": plan.reason,
-                         "needed_bytes": plan.needed_bytes,
-                         "available_bytes": plan.available_bytes}
+            plan_json = {
+                "state": "waiting",
+                "host_id": plan.host_id,
+                "order": [],
+                "tensor_split": [],
+                "reason": plan.reason,
+                "needed_bytes": plan.needed_bytes,
+                "available_bytes": plan.available_bytes,
+            }
         elif isinstance(plan, NoEligibleHost):
             plan_json["reason"] = plan.reason
         host = self.host_id()
@@ -757,26 +792,31 @@ class Node:
                 continue
             last = self._membership.last_heard(info.node_id)
             rtt = self._endpoint.rtt(info.node_id) if self._endpoint else None
-            peers.append({
-                "id": info.node_id,
-                "name": info.name,
-                "role": role_in(plan, info.node_id, info.role == "client"),
-                "status": rec.status,
-                "memory_bytes": info.memory_bytes,
-                "addrs": list(info.addrs),
-                "last_seen_s": None if last is None else round(now - last, 3),
-                "rtt_ms": None if rtt is None else round(rtt * 1000, 2),
-                "share": shares.get(info.node_id),
-                "engine_state": info.engine_state,
-            })
+            peers.append(
+                {
+                    "id": info.node_id,
+                    "name": info.name,
+                    "role": role_in(plan, info.node_id, info.role == "client"),
+                    "status": rec.status,
+                    "memory_bytes": info.memory_bytes,
+                    "addrs": list(info.addrs),
+                    "last_seen_s": None if last is None else round(now - last, 3),
+                    "rtt_ms": None if rtt is None else round(rtt * 1000, 2),
+                    "share": shares.get(info.node_id),
+                    "engine_state": info.engine_state,
+                }
+            )
         host_engine = self._engine_state
         if host is not None and host != self.node_id:
-            rec_host = next((r for r in self._membership.records()
-                             if r.info.node_id == host), None)
+            rec_host = next((r for r in self._membership.records() if r.info.node_id == host), None)
             host_engine = rec_host.info.engine_state if rec_host else "unknown"
         me = self._membership.local
-        model: dict[str, Any] = {"ref": self._mesh_model, "name": self.served_model(),
-                                 "size_bytes": None, "layers": self._model_layers}
+        model: dict[str, Any] = {
+            "ref": self._mesh_model,
+            "name": self.served_model(),
+            "size_bytes": None,
+            "layers": self._model_layers,
+        }
         if self._model is not None and self._model.ref == self._mesh_model:
             model["size_bytes"] = self._model.size_bytes
         return {

@@ -139,9 +139,12 @@ async def _empty() -> AsyncIterator[bytes]:
     yield b""  # pragma: no cover
 
 
-async def serve_task(reader: Any, writer: Any, handler: Handler, *, first: Frame | None = None) -> None:
-    frames = _FrameReader(reader, FrameDecoder(max_payload=BODY_CHUNK * 2,
-                                               first_seq=1 if first is not None else 0))
+async def serve_task(
+    reader: Any, writer: Any, handler: Handler, *, first: Frame | None = None
+) -> None:
+    frames = _FrameReader(
+        reader, FrameDecoder(max_payload=BODY_CHUNK * 2, first_seq=1 if first is not None else 0)
+    )
     enc = FrameEncoder()
     try:
         task_frame = first if first is not None else await frames.next()
@@ -155,23 +158,39 @@ async def serve_task(reader: Any, writer: Any, handler: Handler, *, first: Frame
                 raise ProtocolError(f"unexpected {frame.type.name} in a request body")
             body += frame.payload
             if len(body) > MAX_BODY:
-                resp = ProxiedResponse(413, [("content-type", "application/json")], _single(
-                    b'{"error":{"message":"request body too large","type":"invalid_request_error",'
-                    b'"code":"body_too_large"}}'))
+                resp = ProxiedResponse(
+                    413,
+                    [("content-type", "application/json")],
+                    _single(
+                        b'{"error":{"message":"request body too large",'
+                        b'"type":"invalid_request_error",'
+                        b'"code":"body_too_large"}}'
+                    ),
+                )
                 break
         else:
             resp = await handler(head, bytes(body))
     except (ProtocolError, ConnectionError, OSError) as exc:
         log.warning("bad proxied request: %s", exc)
         try:
-            writer.write(enc.encode(MessageType.ERROR, encode_payload(
-                ErrorMessage(str(exc).replace("\n", " ")[:500])), _now_us()))
+            writer.write(
+                enc.encode(
+                    MessageType.ERROR,
+                    encode_payload(ErrorMessage(str(exc).replace("\n", " ")[:500])),
+                    _now_us(),
+                )
+            )
             writer.write_eof()
         except Exception:
             writer.close()
         return
-    writer.write(enc.encode(MessageType.RESULT, encode_payload(
-        ResultHead(resp.status, tuple((k.lower(), v) for k, v in resp.headers))), _now_us()))
+    writer.write(
+        enc.encode(
+            MessageType.RESULT,
+            encode_payload(ResultHead(resp.status, tuple((k.lower(), v) for k, v in resp.headers))),
+            _now_us(),
+        )
+    )
     try:
         async for chunk in resp.body_iter:
             for i in range(0, len(chunk), BODY_CHUNK):

@@ -35,7 +35,10 @@ def _nvidia_free_bytes() -> int | None:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout
         mib = sum(int(line.strip()) for line in out.splitlines() if line.strip())
     except (OSError, subprocess.SubprocessError, ValueError):

@@ -7,6 +7,7 @@ that crossed the tunnel. Both paths run in this one invocation, on this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -33,8 +34,9 @@ PROMPT = [
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         out: dict[str, Any] = json.loads(resp.read())
         return out
@@ -59,9 +61,10 @@ def generate(base: str, n_tokens: int, runs: int) -> list[float]:
     post(f"{base}/v1/chat/completions", {"messages": PROMPT, "max_tokens": 8, "temperature": 0})
     for _ in range(runs):
         t0 = time.monotonic()
-        out = post(f"{base}/v1/chat/completions",
-                   {"messages": PROMPT, "max_tokens": n_tokens, "temperature": 0,
-                    "ignore_eos": True})
+        out = post(
+            f"{base}/v1/chat/completions",
+            {"messages": PROMPT, "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True},
+        )
         wall = time.monotonic() - t0
         timings = out.get("timings") or {}
         rate = timings.get("predicted_per_second")
@@ -73,16 +76,19 @@ def generate(base: str, n_tokens: int, runs: int) -> list[float]:
 
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as fh:
-        return subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **env})
+        return subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **env},
+        )
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     for p in procs:
         try:
             p.wait(timeout=10)
@@ -91,8 +97,15 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def bench_direct(backend_name: str, model: Path, split: list[float], tmp: Path, threads: int,
-                 n_tokens: int, runs: int) -> dict[str, Any]:
+def bench_direct(
+    backend_name: str,
+    model: Path,
+    split: list[float],
+    tmp: Path,
+    threads: int,
+    n_tokens: int,
+    runs: int,
+) -> dict[str, Any]:
     backend = find_backend(backend_name)
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -100,12 +113,17 @@ def bench_direct(backend_name: str, model: Path, split: list[float], tmp: Path, 
         for i, port in enumerate(ports):
             cache = tmp / f"direct-cache-{i}"
             cache.mkdir(exist_ok=True)
-            procs.append(start(backend.rpc_server_command(port=port, threads=threads,
-                                                          cache_dir=cache),
-                               backend.env(cache), tmp / f"direct-rpc-{i}.log"))
+            procs.append(
+                start(
+                    backend.rpc_server_command(port=port, threads=threads, cache_dir=cache),
+                    backend.env(cache),
+                    tmp / f"direct-rpc-{i}.log",
+                )
+            )
         for port in ports:
             deadline = time.monotonic() + 60
             import socket
+
             while time.monotonic() < deadline:
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -114,10 +132,21 @@ def bench_direct(backend_name: str, model: Path, split: list[float], tmp: Path, 
                     time.sleep(0.05)
         http = free_tcp_port()
         t0 = time.monotonic()
-        procs.append(start(backend.llama_server_command(
-            model=model, rpc_endpoints=[f"127.0.0.1:{p}" for p in ports], tensor_split=split,
-            port=http, ctx_size=4096, threads=threads, alias="bench"), backend.env(),
-            tmp / "direct-server.log"))
+        procs.append(
+            start(
+                backend.llama_server_command(
+                    model=model,
+                    rpc_endpoints=[f"127.0.0.1:{p}" for p in ports],
+                    tensor_split=split,
+                    port=http,
+                    ctx_size=4096,
+                    threads=threads,
+                    alias="bench",
+                ),
+                backend.env(),
+                tmp / "direct-server.log",
+            )
+        )
         wait_http(f"http://127.0.0.1:{http}{backend.health_path}")
         load = time.monotonic() - t0
         rates = generate(f"http://127.0.0.1:{http}", n_tokens, runs)
@@ -126,26 +155,37 @@ def bench_direct(backend_name: str, model: Path, split: list[float], tmp: Path, 
         stop(procs)
 
 
-def bench_mesh(backend_name: str, model_ref: str, tmp: Path, n_tokens: int,
-               runs: int) -> dict[str, Any]:
+def bench_mesh(
+    backend_name: str, model_ref: str, tmp: Path, n_tokens: int, runs: int
+) -> dict[str, Any]:
     mesh = LocalMesh(tmp / "mesh", extra_args=["--engine", backend_name, "--threads", "1"])
     try:
         a = mesh.start_node("a", model=model_ref, max_vram_gb=4)
         token = mesh.join_token(a)
         mesh.start_node("b", join=token, max_vram_gb=2)
         mesh.start_node("c", join=token, max_vram_gb=1)
-        st = mesh.wait_for(a, lambda s: len(s["plan"]["order"]) == 3
-                           and s["engine"]["state"] in ("starting", "ready"),
-                           timeout=120, what="3-node plan")
+        st = mesh.wait_for(
+            a,
+            lambda s: (
+                len(s["plan"]["order"]) == 3 and s["engine"]["state"] in ("starting", "ready")
+            ),
+            timeout=120,
+            what="3-node plan",
+        )
         t0 = time.monotonic()
         st = mesh.wait_for(a, lambda s: s["ready"], timeout=600, what="engine ready")
         load = time.monotonic() - t0
         before = st.get("tunnels", {})
         rates = generate(a.url, n_tokens, runs)
         after = a.status().get("tunnels", {})
-        return {"load_s": load, "tok_s": sorted(rates)[len(rates) // 2], "runs": rates,
-                "split": st["plan"]["tensor_split"], "tunnels_after_load": before,
-                "tunnels_after_gen": after}
+        return {
+            "load_s": load,
+            "tok_s": sorted(rates)[len(rates) // 2],
+            "runs": rates,
+            "split": st["plan"]["tensor_split"],
+            "tunnels_after_load": before,
+            "tunnels_after_gen": after,
+        }
     finally:
         mesh.stop()
 
@@ -172,14 +212,23 @@ def main() -> int:
     gen_tokens = args.tokens * (args.runs + 0) + 8
     print(f"model {args.model}  engine {args.engine}  split {split} (workers…, host last)")
     print(f"{'path':<8}{'load s':>9}{'tok/s':>9}  runs")
-    print(f"{'direct':<8}{direct['load_s']:>9.2f}{direct['tok_s']:>9.1f}  "
-          f"{[round(r, 1) for r in direct['runs']]}")
-    print(f"{'mesh':<8}{mesh['load_s']:>9.2f}{mesh['tok_s']:>9.1f}  "
-          f"{[round(r, 1) for r in mesh['runs']]}")
-    print(f"ratio mesh/direct: load {mesh['load_s'] / direct['load_s']:.2f}x, "
-          f"generation {mesh['tok_s'] / direct['tok_s']:.2f}x")
-    print(f"tunnel bytes: load {load_up / 1e6:.1f} MB host->workers; total up {up / 1e6:.1f} MB, "
-          f"down {down / 1e6:.1f} MB; per generated token ≈ {(up + down - load_up) / gen_tokens / 1e3:.1f} kB")
+    print(
+        f"{'direct':<8}{direct['load_s']:>9.2f}{direct['tok_s']:>9.1f}  "
+        f"{[round(r, 1) for r in direct['runs']]}"
+    )
+    print(
+        f"{'mesh':<8}{mesh['load_s']:>9.2f}{mesh['tok_s']:>9.1f}  "
+        f"{[round(r, 1) for r in mesh['runs']]}"
+    )
+    print(
+        f"ratio mesh/direct: load {mesh['load_s'] / direct['load_s']:.2f}x, "
+        f"generation {mesh['tok_s'] / direct['tok_s']:.2f}x"
+    )
+    print(
+        f"tunnel bytes: load {load_up / 1e6:.1f} MB host->workers; total up {up / 1e6:.1f} MB, "
+        f"down {down / 1e6:.1f} MB; per generated token "
+        f"≈ {(up + down - load_up) / gen_tokens / 1e3:.1f} kB"
+    )
     if args.json:
         args.json.write_text(json.dumps({"direct": direct, "mesh": mesh}, indent=2))
     return 0

@@ -40,13 +40,21 @@ def main() -> int:
         mesh.start_node("node-c", join=token, max_vram_gb=1)
         print("starting a 3-node mesh (logs in .demo/*/node.log) ...", flush=True)
         t0 = time.monotonic()
-        st = mesh.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 3,
-                           timeout=300, what="engine ready on 3 nodes")
-        print(f"ready in {time.monotonic() - t0:.1f} s: model {st['model']['name']}, "
-              f"split {st['plan']['tensor_split']} over {len(st['plan']['order'])} nodes")
+        st = mesh.wait_for(
+            a,
+            lambda s: s["ready"] and len(s["plan"]["order"]) == 3,
+            timeout=300,
+            what="engine ready on 3 nodes",
+        )
+        print(
+            f"ready in {time.monotonic() - t0:.1f} s: model {st['model']['name']}, "
+            f"split {st['plan']['tensor_split']} over {len(st['plan']['order'])} nodes"
+        )
         print(f"\n  console  {a.url}/\n  API      {a.url}/v1\n  token    {token}\n")
-        print(f"  try: curl {a.url}/v1/chat/completions -H 'content-type: application/json' "
-              "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}]}'\n")
+        print(
+            f"  try: curl {a.url}/v1/chat/completions -H 'content-type: application/json' "
+            '-d \'{"messages":[{"role":"user","content":"Hello!"}]}\'\n'
+        )
         print("Ctrl-C stops all nodes.", flush=True)
         stop = False
 

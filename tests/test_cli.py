@@ -18,8 +18,19 @@ def run(*args: str) -> tuple[int, str]:
 def test_help_explains_every_flag() -> None:
     code, out = run("--help")
     assert code == 0
-    for flag in ("--model", "--join", "--client", "--http-port", "--quic-port", "--http-host",
-                 "--max-vram", "--state-dir", "--no-mdns", "--engine", "--llama-bin"):
+    for flag in (
+        "--model",
+        "--join",
+        "--client",
+        "--http-port",
+        "--quic-port",
+        "--http-host",
+        "--max-vram",
+        "--state-dir",
+        "--no-mdns",
+        "--engine",
+        "--llama-bin",
+    ):
         assert flag in out
 
 
@@ -51,9 +62,19 @@ def test_negative_memory(tmp_path: Path) -> None:
 
 
 def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
-    code, out = run("--model", "no-such-model-anywhere", "--state-dir", str(tmp_path),
-                    "--models-dir", str(tmp_path / "models"), "--no-mdns",
-                    "--http-port", "0", "--quic-port", "0")
+    code, out = run(
+        "--model",
+        "no-such-model-anywhere",
+        "--state-dir",
+        str(tmp_path),
+        "--models-dir",
+        str(tmp_path / "models"),
+        "--no-mdns",
+        "--http-port",
+        "0",
+        "--quic-port",
+        "0",
+    )
     assert code == 2
     assert "no-such-model-anywhere" in out
 

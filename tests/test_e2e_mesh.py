@@ -1,4 +1,7 @@
-"""End to end: 3 real nodes + a --client node on loopback, real QUIC, real llama.cpp, real SmolLM2."""
+"""End to end: 3 real nodes + a --client node on loopback.
+
+Real QUIC, real llama.cpp, the real SmolLM2 model.
+"""
 
 from __future__ import annotations
 
@@ -44,8 +47,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         b = lm.start_node("b", join=token, max_vram_gb=2)
         c = lm.start_node("c", join=token, max_vram_gb=1)
         client = lm.start_node("laptop", join=token, client=True)
-        st = lm.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 3,
-                         timeout=300, what="engine ready on 3 nodes")
+        st = lm.wait_for(
+            a,
+            lambda s: s["ready"] and len(s["plan"]["order"]) == 3,
+            timeout=300,
+            what="engine ready on 3 nodes",
+        )
         yield {"lm": lm, "a": a, "b": b, "c": c, "client": client, "status": st}
     finally:
         lm.stop()
@@ -56,15 +63,17 @@ def _ask(node: NodeProcess, stream: bool) -> str:
     if stream:
         parts = []
         chunks = 0
-        for chunk in cli.chat.completions.create(model="smollm2-135m", messages=QUESTION,
-                                                 temperature=0, max_tokens=24, stream=True):
+        for chunk in cli.chat.completions.create(
+            model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=24, stream=True
+        ):
             chunks += 1
             if chunk.choices and chunk.choices[0].delta.content:
                 parts.append(chunk.choices[0].delta.content)
         assert chunks > 2, "a streamed answer arrives in several chunks"
         return "".join(parts)
-    out = cli.chat.completions.create(model="smollm2-135m", messages=QUESTION, temperature=0,
-                                      max_tokens=24)
+    out = cli.chat.completions.create(
+        model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=24
+    )
     return out.choices[0].message.content or ""
 
 
@@ -102,8 +111,11 @@ def test_bad_request_is_400(mesh: dict[str, Any]) -> None:
     import urllib.request
 
     for node in (mesh["a"], mesh["client"]):
-        req = urllib.request.Request(f"{node.url}/v1/chat/completions", data=b"{not json",
-                                     headers={"content-type": "application/json"})
+        req = urllib.request.Request(
+            f"{node.url}/v1/chat/completions",
+            data=b"{not json",
+            headers={"content-type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=10)
         assert err.value.code == 400
@@ -115,9 +127,12 @@ def test_killing_a_worker_replans_to_two(mesh: dict[str, Any]) -> None:
     a, c = mesh["a"], mesh["c"]
     c_id = c.status()["node"]["id"]
     c.kill(signal.SIGKILL)
-    st = lm.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 2
-                     and c_id not in s["plan"]["order"], timeout=120,
-                     what="re-plan to two nodes")
+    st = lm.wait_for(
+        a,
+        lambda s: s["ready"] and len(s["plan"]["order"]) == 2 and c_id not in s["plan"]["order"],
+        timeout=120,
+        what="re-plan to two nodes",
+    )
     assert st["plan"]["tensor_split"] == pytest.approx([1 / 3, 2 / 3], abs=0.002)
     dead = [p for p in st["peers"] if p["id"] == c_id]
     assert not dead or dead[0]["status"] in ("dead", "left")

@@ -147,7 +147,7 @@ def test_node_id_must_match_key() -> None:
     mesh = MeshCredentials.generate()
     d = Handshake(NodeIdentity.generate(), mesh, is_dialer=True)
     acc = Handshake(NodeIdentity.generate(), mesh, is_dialer=False)
-    (mtype, payload), = d.pop_frames()
+    ((mtype, payload),) = d.pop_frames()
     hello = json.loads(payload)
     hello["node_id"] = "0" * 16
     with pytest.raises(AuthFailed, match="node id"):
@@ -158,11 +158,11 @@ def test_signature_from_another_key_fails() -> None:
     mesh = MeshCredentials.generate()
     a, b, mallory = NodeIdentity.generate(), NodeIdentity.generate(), NodeIdentity.generate()
     d, acc = Handshake(a, mesh, is_dialer=True), Handshake(b, mesh, is_dialer=False)
-    (t, hello), = d.pop_frames()
+    ((t, hello),) = d.pop_frames()
     acc.handle_frame(Frame(t, 0, 0, hello))
     for t2, p2 in acc.pop_frames():
         d.handle_frame(Frame(t2, 0, 0, p2))
-    (t3, proof), = d.pop_frames()
+    ((t3, proof),) = d.pop_frames()
     forged = json.loads(proof)
     forged["sig"] = base64.b64encode(mallory.sign(b"x")).decode()
     with pytest.raises(AuthFailed, match="signature"):
@@ -181,11 +181,11 @@ def test_replayed_proof_from_another_session_fails() -> None:
     mesh = MeshCredentials.generate()
     a, b = NodeIdentity.generate(), NodeIdentity.generate()
     d1, acc1 = Handshake(a, mesh, is_dialer=True), Handshake(b, mesh, is_dialer=False)
-    (t, hello1), = d1.pop_frames()
+    ((t, hello1),) = d1.pop_frames()
     acc1.handle_frame(Frame(t, 0, 0, hello1))
     for t2, p2 in acc1.pop_frames():
         d1.handle_frame(Frame(t2, 0, 0, p2))
-    (_, proof1), = d1.pop_frames()
+    ((_, proof1),) = d1.pop_frames()
     # A new session from the same dialer key has new nonces: the old proof is worthless.
     acc2_again = Handshake(b, mesh, is_dialer=False)
     acc2_again.handle_frame(Frame(t, 0, 0, hello1))

@@ -51,8 +51,16 @@ async def make_side(mesh: MeshCredentials, local_service_port: int | None = None
         assert local_service_port is not None
         await bridge_to_local(reader, writer, "127.0.0.1", local_service_port)
 
-    ep = MeshEndpoint(ident, mesh, host="127.0.0.1", port=0, on_peer_connected=connected,
-                      on_peer_lost=lost, on_control_frame=control, on_stream=on_stream)
+    ep = MeshEndpoint(
+        ident,
+        mesh,
+        host="127.0.0.1",
+        port=0,
+        on_peer_connected=connected,
+        on_peer_lost=lost,
+        on_control_frame=control,
+        on_stream=on_stream,
+    )
     side = Side(ep, 0)
     side.port = await ep.start()
     return side
