@@ -138,3 +138,31 @@ def test_killing_a_worker_replans_to_two(mesh: dict[str, Any]) -> None:
     assert not dead or dead[0]["status"] in ("dead", "left")
     assert "Paris" in _ask(a, stream=False)
     assert "Paris" in _ask(mesh["client"], stream=True)
+
+
+def test_embedded_engine_serves_a_two_node_mesh(tmp_path: Path) -> None:
+    """The llama-cpp-python backend behind the same mesh: host + one tunnelled worker."""
+    from mesh_inference.engine.backends import EngineUnavailable, find_backend
+
+    try:
+        find_backend("embedded")
+    except EngineUnavailable as exc:
+        pytest.skip(f"llama-cpp-python with GGML_RPC not installed: {exc}")
+    lm = LocalMesh(tmp_path, extra_args=["--threads", "1", "--engine", "embedded"])
+    try:
+        a = lm.start_node("a", model="smollm2-135m", max_vram_gb=2)
+        b = lm.start_node("b", join=lm.join_token(a), max_vram_gb=2)
+        st = lm.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 2,
+                         timeout=300, what="embedded engine ready on 2 nodes")
+        assert st["engine"]["backend"] == "embedded"
+        assert st["plan"]["tensor_split"] == [0.5, 0.5]
+        assert "Paris" in _ask(a, stream=False)
+        assert "Paris" in _ask(a, stream=True)
+        # equal memory: the smaller node id hosts (b also has the catalog model)
+        host = a if st["host_id"] == st["node"]["id"] else b
+        assert host.status()["node"]["role"] == "host"
+        assert st["host_id"] == min(st["plan"]["order"])
+        tunnels = host.status()["tunnels"]
+        assert len(tunnels) == 1 and next(iter(tunnels.values()))["bytes_up"] > 1_000_000
+    finally:
+        lm.stop()
