@@ -125,7 +125,12 @@ async def forward_request(
                 if frame.type == MessageType.BODY:
                     yield frame.payload
                 elif frame.type == MessageType.ERROR:
-                    raise ProxyError(f"host: {frame.payload[:200]!r}")
+                    try:
+                        err = decode_payload(frame.type, frame.payload)
+                        reason = err.reason if isinstance(err, ErrorMessage) else "error"
+                    except ProtocolError:
+                        reason = "malformed error frame"
+                    raise ProxyError(f"host: {reason}")
                 else:
                     raise ProxyError(f"unexpected {frame.type.name} in a response body")
         finally:
@@ -197,6 +202,17 @@ async def serve_task(
                 writer.write(enc.encode(MessageType.BODY, chunk[i : i + BODY_CHUNK], _now_us()))
             await writer.drain()
         writer.write_eof()
+    except Exception as exc:
+        # The upstream broke mid-answer: say so, so the client does not take a
+        # truncated answer for a whole one.
+        log.warning("proxied response broke: %r", exc)
+        try:
+            reason = f"upstream broke: {exc!r}".replace("\n", " ")[:500]
+            writer.write(enc.encode(MessageType.ERROR, encode_payload(ErrorMessage(reason)),
+                                    _now_us()))
+            writer.write_eof()
+        except Exception:
+            writer.close()
     finally:
         aclose = getattr(resp.body_iter, "aclose", None)
         if aclose is not None:
