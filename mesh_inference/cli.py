@@ -268,7 +268,7 @@ def status(as_json: bool, url: str | None, state_dir: Path) -> None:
 
 def main() -> None:
     try:
-        from .cli_models import models
+        from .cli_models import models  # type: ignore[import-not-found]
     except ImportError:  # pragma: no cover - optional during development
         pass
     else:

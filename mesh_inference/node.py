@@ -251,7 +251,7 @@ class Node:
     def _extend_app(self, app: web.Application) -> None:
         """Hook for routes beyond the gateway's (the console's model API)."""
         try:
-            from .console_api import add_model_routes
+            from .console_api import add_model_routes  # type: ignore[import-not-found]
         except ImportError:
             return
         add_model_routes(app, self)
