@@ -67,5 +67,5 @@ def test_nodes_of_one_mesh_find_each_other(tmp_path: Path) -> None:
     # the node of another mesh is never reported, and nobody reports itself
     assert not any("c" in (me, peer) for me, peer in pairs)
     assert all(me != peer for me, peer in pairs)
-    for me, peer, addrs in found:
+    for _me, peer, addrs in found:
         assert addrs == [f"127.0.0.1:{1111 if peer[0] == 'a' else 2222}"]
