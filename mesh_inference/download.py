@@ -60,7 +60,9 @@ def _sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _metadata(repo: str, file: str, revision: str, token: str | None) -> tuple[str, int, str | None]:
+def _metadata(
+    repo: str, file: str, revision: str, token: str | None
+) -> tuple[str, int, str | None]:
     """(download URL, size, sha256 or None) from the hub's HEAD answer."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
@@ -76,8 +78,14 @@ def _metadata(repo: str, file: str, revision: str, token: str | None) -> tuple[s
 
 
 def _fetch(
-    url: str, dest: Path, size: int, token: str | None, name: str, progress: Progress | None,
-    done_before: int, total: int,
+    url: str,
+    dest: Path,
+    size: int,
+    token: str | None,
+    name: str,
+    progress: Progress | None,
+    done_before: int,
+    total: int,
 ) -> None:
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
@@ -147,8 +155,10 @@ def download_model(
         if hf is None:
             raise ModelError(f"{resolved.ref!r} is a local file; there is nothing to download")
         models_dir.mkdir(parents=True, exist_ok=True)
-        files = [str(Path(hf.file).parent / p.name) if "/" in hf.file else p.name
-                 for p in split_parts(Path(hf.file))]
+        files = [
+            str(Path(hf.file).parent / p.name) if "/" in hf.file else p.name
+            for p in split_parts(Path(hf.file))
+        ]
         metas = [_metadata(hf.repo, f, hf.revision, token) for f in files]
         total = sum(m[1] for m in metas)
         done = 0

@@ -7,11 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakehub import FakeHub, running_hub
 
 from mesh_inference.download import DownloadProgress, download_model, remove_model
 from mesh_inference.models import ModelError, resolve_model
-
-from fakehub import FakeHub, running_hub
 
 pytestmark = pytest.mark.timeout(60)
 
