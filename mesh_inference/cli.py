@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .cli_models import models
 
 DEFAULT_PORT = 9337
 
@@ -267,14 +268,10 @@ def status(as_json: bool, url: str | None, state_dir: Path) -> None:
 
 
 def main() -> None:
-    try:
-        from .cli_models import models  # type: ignore[import-not-found]
-    except ImportError:  # pragma: no cover - optional during development
-        pass
-    else:
-        cli.add_command(models)
     cli(auto_envvar_prefix="MESH_INFERENCE")
 
+
+cli.add_command(models)
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mesh_inference.cli import cli, main  # noqa: F401  (main attaches subcommands)
+from mesh_inference.cli import cli
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -82,3 +82,20 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
 def test_status_without_a_node(tmp_path: Path) -> None:
     code, out = run("status", "--url", "http://127.0.0.1:9", "--state-dir", str(tmp_path))
     assert code == 1 and "no node answering" in out
+
+
+def test_models_list_and_rm(tmp_path: Path) -> None:
+    (tmp_path / "mine.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    result = CliRunner().invoke(cli, ["models", "list", "--models-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "smollm2-135m" in result.output and "mine" in result.output
+    result = CliRunner().invoke(cli, ["models", "rm", "mine", "--models-dir", str(tmp_path)])
+    assert result.exit_code == 0 and not (tmp_path / "mine.gguf").exists()
+    result = CliRunner().invoke(cli, ["models", "rm", "smollm2-135m", "--models-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "not a downloaded model" in result.output
+
+
+def test_models_download_unknown(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["models", "download", "nope-xyz", "--models-dir",
+                                      str(tmp_path)])
+    assert result.exit_code == 1 and "unknown model" in result.output
