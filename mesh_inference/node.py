@@ -25,6 +25,7 @@ from aiohttp import web
 
 from . import __version__
 from .dcf import Frame, MessageType, ProtocolError
+from .console_api import add_model_routes
 from .discovery import Discovery
 from .engine.backends import EngineBackend, EngineUnavailable, find_backend
 from .engine.supervisor import (
@@ -209,7 +210,7 @@ class Node:
 
         self._session = aiohttp.ClientSession()
         app = create_app(self, console_dir=cfg.console_dir)
-        self._extend_app(app)
+        add_model_routes(app, self)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.http_host, cfg.http_port)
@@ -247,14 +248,6 @@ class Node:
         if host in ("0.0.0.0", ""):
             return [*local_addresses(), "127.0.0.1"]
         return [host]
-
-    def _extend_app(self, app: web.Application) -> None:
-        """Hook for routes beyond the gateway's (the console's model API)."""
-        try:
-            from .console_api import add_model_routes  # type: ignore[import-not-found]
-        except ImportError:
-            return
-        add_model_routes(app, self)
 
     def _write_node_file(self) -> None:
         info = {

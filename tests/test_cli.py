@@ -91,11 +91,14 @@ def test_models_list_and_rm(tmp_path: Path) -> None:
     assert "smollm2-135m" in result.output and "mine" in result.output
     result = CliRunner().invoke(cli, ["models", "rm", "mine", "--models-dir", str(tmp_path)])
     assert result.exit_code == 0 and not (tmp_path / "mine.gguf").exists()
-    result = CliRunner().invoke(cli, ["models", "rm", "smollm2-135m", "--models-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        cli, ["models", "rm", "smollm2-135m", "--models-dir", str(tmp_path)]
+    )
     assert result.exit_code == 1 and "not a downloaded model" in result.output
 
 
 def test_models_download_unknown(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["models", "download", "nope-xyz", "--models-dir",
-                                      str(tmp_path)])
+    result = CliRunner().invoke(
+        cli, ["models", "download", "nope-xyz", "--models-dir", str(tmp_path)]
+    )
     assert result.exit_code == 1 and "unknown model" in result.output
