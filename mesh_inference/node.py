@@ -24,8 +24,8 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .dcf import Frame, MessageType, ProtocolError
 from .console_api import add_model_routes
+from .dcf import Frame, MessageType, ProtocolError
 from .discovery import Discovery
 from .engine.backends import EngineBackend, EngineUnavailable, find_backend
 from .engine.supervisor import (
