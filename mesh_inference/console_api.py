@@ -139,7 +139,7 @@ async def switch(request: web.Request) -> web.Response:
 def add_model_routes(app: web.Application, backend: ModelsBackend) -> None:
     app[MODELS_BACKEND_KEY] = backend
     app[DOWNLOADS_KEY] = {}
-    app[TASKS_KEY] = set[asyncio.Task[None]]()
+    app[TASKS_KEY] = set()  # type: ignore[index]  # aiohttp overloads confuse mypy
 
     async def cancel_downloads(app: web.Application) -> None:
         for task in list(app[TASKS_KEY]):
