@@ -139,10 +139,11 @@ async def switch(request: web.Request) -> web.Response:
 def add_model_routes(app: web.Application, backend: ModelsBackend) -> None:
     app[MODELS_BACKEND_KEY] = backend
     app[DOWNLOADS_KEY] = {}
-    app[TASKS_KEY] = set()  # type: ignore[index]  # aiohttp overloads confuse mypy
+    app[TASKS_KEY] = set()
 
     async def cancel_downloads(app: web.Application) -> None:
-        for task in list(app[TASKS_KEY]):
+        tasks: set[asyncio.Task[None]] = app[TASKS_KEY]
+        for task in list(tasks):
             task.cancel()
 
     app.on_shutdown.append(cancel_downloads)
