@@ -197,10 +197,12 @@ async def _api(request: web.Request, kind: str) -> web.StreamResponse:
     if backend.is_host():
         url = backend.engine_url()
         if url is None:
-            state = backend.status().get("engine", {}).get("state", "unknown")
+            engine = backend.status().get("engine", {})
+            state = engine.get("state", "unknown")
+            why = f"{state}: {engine['detail']}" if engine.get("detail") else state
             return openai_error(
                 503,
-                f"The mesh has no engine ready yet ({state}); try again in a few seconds.",
+                f"The mesh has no engine ready yet ({why}); try again in a few seconds.",
                 "service_unavailable",
                 "engine_not_ready",
             )

@@ -713,7 +713,7 @@ class Node:
 
     # ------------------------------------------------------------------ gateway backend
     def is_host(self) -> bool:
-        return isinstance(self._plan, Plan) and self._plan.host_id == self.node_id
+        return self.host_id() == self.node_id
 
     def engine_url(self) -> str | None:
         if self.is_host() and self._engine_state == "ready":
