@@ -224,12 +224,47 @@ def _run_node(**opts: Any) -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        watcher = asyncio.ensure_future(_report_progress(node))
         await stop.wait()
+        watcher.cancel()
         click.echo("stopping…", err=True)
         await node.stop()
         return 0
 
     sys.exit(asyncio.run(main()))
+
+
+async def _report_progress(node: Any) -> None:
+    """Show the mesh coming up: a live line on a terminal, plain lines in a log."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    last = ""
+    status_ctx = console.status("joining the mesh…") if console.is_terminal else None
+    if status_ctx is not None:
+        status_ctx.start()
+    try:
+        while True:
+            st = node.status()
+            plan, engine = st["plan"], st["engine"]
+            if st["ready"]:
+                line = (f"ready: {st['model']['name']} over {len(plan['order'])} node(s), "
+                        f"this node is {st['node']['role']}")
+            elif plan["state"] == "waiting":
+                line = f"waiting for capacity: {plan['reason']}"
+            elif st["host_id"] is None:
+                line = f"no plan yet: {plan.get('reason') or 'looking for peers'}"
+            else:
+                line = f"engine {engine['state']} ({len(plan['order'])} node(s))"
+            if line != last:
+                last = line
+                if status_ctx is not None:
+                    status_ctx.update(line)
+                console.log(line)
+            await asyncio.sleep(0.5)
+    finally:
+        if status_ctx is not None:
+            status_ctx.stop()
 
 
 def _node_url(state_dir: Path, url: str | None) -> str:
