@@ -29,7 +29,12 @@ def parse_addr(addr: str) -> tuple[str, int]:
     if not isinstance(addr, str) or len(addr) > 262:
         raise InvalidJoinToken(f"address {addr!r} is not host:port")
     host, sep, port_s = addr.rpartition(":")
-    if not sep or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+    if (
+        not sep
+        or not host
+        or not re.fullmatch(r"[0-9]{1,5}", port_s)
+        or not 1 <= int(port_s) <= 65535
+    ):
         raise InvalidJoinToken(f"address {addr!r} is not host:port with a port in 1-65535")
     if host.startswith("[") and host.endswith("]"):
         try:

@@ -28,7 +28,6 @@ OpenTunnel ``{"service"}``; Task ``{"method","path","headers"}`` and Result
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .dcf import DEFAULT_MAX_PAYLOAD, MessageType, ProtocolError
+from .jointoken import parse_addr
 
 __all__ = [
     "HTTP_METHODS",
@@ -84,8 +84,6 @@ STATUSES = ("alive", "suspect", "dead", "left")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 _NODE_ID = re.compile(r"[0-9a-f]{16}")
-_PORT = re.compile(r"[0-9]{1,5}")
-_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _SERVICE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _ENGINE_STATE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
@@ -328,16 +326,10 @@ def _check_str(v: object, where: str, max_len: int, allow_empty: bool) -> str:
 
 def _addr(v: object, where: str) -> str:
     s = _check_str(v, where, MAX_ADDR, False)
-    host, sep, port = s.rpartition(":")
-    if not sep or not host or not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
-        raise ProtocolError(f"{where}: {_short(s)} is not host:port with a port in 1-65535")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ProtocolError(f"{where}: {_short(host)} is not an IPv6 address") from None
-    elif not _HOSTNAME.fullmatch(host):
-        raise ProtocolError(f"{where}: {_short(host)} is not a host name or IPv4 address")
+    try:
+        parse_addr(s)
+    except ValueError as exc:
+        raise ProtocolError(f"{where}: {exc}") from None
     return s
 
 

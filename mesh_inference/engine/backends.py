@@ -204,7 +204,6 @@ class EngineBackend(ABC):
     def rpc_server_command(self, *, port: int, threads: int, cache_dir: Path | None) -> list[str]:
         """An rpc-server on 127.0.0.1:port with the CPU device (weight cache if cache_dir)."""
 
-    @abstractmethod
     def llama_server_command(
         self,
         *,
@@ -217,6 +216,21 @@ class EngineBackend(ABC):
         alias: str,
     ) -> list[str]:
         """An OpenAI-compatible server on 127.0.0.1:port with every layer on the RPC devices."""
+        endpoints = validate_endpoints(rpc_endpoints)
+        split = validate_tensor_split(tensor_split, len(endpoints))
+        validate_port(port)
+        validate_ctx_size(ctx_size)
+        validate_threads(threads)
+        validate_alias(alias)
+        return self._server_argv(validate_model(model), endpoints, split, port, ctx_size,
+                                 threads, alias)
+
+    @abstractmethod
+    def _server_argv(
+        self, model: Path, endpoints: list[str], split: list[float], port: int,
+        ctx_size: int, threads: int, alias: str,
+    ) -> list[str]:
+        """The command line for already-validated arguments."""
 
     def env(self, cache_dir: Path | None = None) -> dict[str, str]:
         extra: dict[str, str] = {}
@@ -302,26 +316,13 @@ class BinaryBackend(EngineBackend):
             argv.append("-c")
         return argv
 
-    def llama_server_command(
-        self,
-        *,
-        model: Path,
-        rpc_endpoints: Sequence[str],
-        tensor_split: Sequence[float],
-        port: int,
-        ctx_size: int,
-        threads: int,
-        alias: str,
+    def _server_argv(
+        self, model: Path, endpoints: list[str], split: list[float], port: int,
+        ctx_size: int, threads: int, alias: str,
     ) -> list[str]:
-        endpoints = validate_endpoints(rpc_endpoints)
-        split = validate_tensor_split(tensor_split, len(endpoints))
-        validate_port(port)
-        validate_ctx_size(ctx_size)
-        validate_threads(threads)
-        validate_alias(alias)
         return [
             str(self.llama_server),
-            "-m", str(validate_model(model)),
+            "-m", str(model),
             "--rpc", ",".join(endpoints),
             "-ngl", "99",
             "-ts", format_split(split),
@@ -389,26 +390,13 @@ class EmbeddedBackend(EngineBackend):
             argv += ["--cache-dir", str(rpc_cache_subdir(checked))]
         return argv
 
-    def llama_server_command(
-        self,
-        *,
-        model: Path,
-        rpc_endpoints: Sequence[str],
-        tensor_split: Sequence[float],
-        port: int,
-        ctx_size: int,
-        threads: int,
-        alias: str,
+    def _server_argv(
+        self, model: Path, endpoints: list[str], split: list[float], port: int,
+        ctx_size: int, threads: int, alias: str,
     ) -> list[str]:
-        endpoints = validate_endpoints(rpc_endpoints)
-        split = validate_tensor_split(tensor_split, len(endpoints))
-        validate_port(port)
-        validate_ctx_size(ctx_size)
-        validate_threads(threads)
-        validate_alias(alias)
         return [
             self.python, "-m", EMBEDDED_SERVER_MODULE,
-            "--model", str(validate_model(model)),
+            "--model", str(model),
             "--rpc", ",".join(endpoints),
             "--tensor-split", format_split(split),
             "--host", LOOPBACK,
