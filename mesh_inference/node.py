@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ from .membership import (
     MembershipTimers,
     PeerDied,
     PeerDiscovered,
-    PeerJoined,
     PeerLeft,
 )
 from .messages import (
@@ -138,7 +137,6 @@ class Node:
         self._engine: ProcessSupervisor | None = None
         self._tunnels: dict[str, TunnelListener] = {}
         self._plan: PlanResult | None = None
-        self._engine_argv: list[str] | None = None
         self._engine_state = "stopped"
         self._engine_detail = ""
         self._model: ResolvedModel | None = None
@@ -218,6 +216,7 @@ class Node:
         server = site._server
         assert server is not None
         self.http_port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        self._refresh_local()  # peers learn our HTTP port
 
         if not cfg.client and self._backend is not None:
             await self._start_rpc_server()
@@ -513,8 +512,6 @@ class Node:
             tunnel = self._tunnels.pop(pid, None)
             if tunnel is not None:
                 self._spawn(tunnel.close(), f"close tunnel {pid}")
-        elif isinstance(event, PeerJoined):
-            pass
         self._publish_status()
 
     async def _timer_loop(self) -> None:
@@ -669,7 +666,6 @@ class Node:
                 health_url=f"http://127.0.0.1:{self._engine_port}{self._backend.health_path}",
                 on_event=self._on_supervisor_event,
             )
-        self._engine_argv = argv
         self._set_engine_state("starting", f"{len(plan.workers) + 1} devices")
         await self._engine.start(argv, self._backend.env())
 
@@ -688,7 +684,6 @@ class Node:
         if self._engine is not None and self._engine.state != "stopped":
             log.info("stopping engine: %s", why)
             await self._engine.stop()
-        self._engine_argv = None
         self._set_engine_state("stopped", why)
 
     def _set_engine_state(self, state: str, detail: str = "") -> None:
@@ -899,7 +894,3 @@ class Node:
         self._refresh_local()
         self._replan()
         self.publish("model", {"ref": ref, "epoch": epoch})
-
-    def local_info_for_tests(self) -> NodeInfo:
-        assert self._membership is not None
-        return replace(self._membership.local)
