@@ -27,15 +27,37 @@ class NodeProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
     http_port: int = 0
+    netns: str | None = None  # runs inside this network namespace
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
     def status(self, timeout: float = 3.0) -> dict[str, Any]:
+        if self.netns is not None:
+            return json.loads(self.http_in_netns("GET", "/api/status", None, timeout))  # type: ignore[no-any-return]
         with urllib.request.urlopen(f"{self.url}/api/status", timeout=timeout) as resp:
             data: dict[str, Any] = json.loads(resp.read())
             return data
+
+    def http_in_netns(self, method: str, path: str, body: bytes | None, timeout: float) -> str:
+        """An HTTP request made from inside the node's network namespace."""
+        assert self.netns is not None
+        code = (
+            "import sys, urllib.request\n"
+            "req = urllib.request.Request(sys.argv[1], data=sys.stdin.buffer.read() or None,"
+            " method=sys.argv[2], headers={'content-type': 'application/json'})\n"
+            "sys.stdout.write(urllib.request.urlopen(req, timeout=float(sys.argv[3])).read()"
+            ".decode())\n"
+        )
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.netns, sys.executable, "-c", code, self.url + path,
+             method, str(timeout)],
+            input=body or b"", capture_output=True, timeout=timeout + 10,
+        )
+        if out.returncode != 0:
+            raise OSError(out.stderr.decode(errors="replace")[-500:])
+        return out.stdout.decode()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the node's whole process group (sidecar + its engine children)."""
@@ -72,6 +94,8 @@ class LocalMesh:
         max_vram_gb: float | None = None,
         http_port: int = 0,
         args: list[str] | None = None,
+        netns: str | None = None,
+        quic_host: str = "127.0.0.1",
     ) -> NodeProcess:
         state = self.root / name
         state.mkdir(parents=True, exist_ok=True)
@@ -87,7 +111,7 @@ class LocalMesh:
             "--quic-port",
             "0",
             "--quic-host",
-            "127.0.0.1",
+            quic_host,
             "--no-mdns",
             "--name",
             name,
@@ -103,6 +127,8 @@ class LocalMesh:
             argv.append("--client")
         if max_vram_gb is not None:
             argv += ["--max-vram", str(max_vram_gb)]
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]
         log_path = state / "node.log"
         log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -115,7 +141,7 @@ class LocalMesh:
             env=env,
         )
         log.close()
-        node = NodeProcess(name, state, proc, log_path)
+        node = NodeProcess(name, state, proc, log_path, netns=netns)
         self.nodes.append(node)
         self._wait_node_file(node)
         return node
@@ -150,7 +176,7 @@ class LocalMesh:
                 last = node.status()
                 if predicate(last):
                     return last
-            except (urllib.error.URLError, OSError, ValueError):
+            except (urllib.error.URLError, OSError, ValueError, subprocess.TimeoutExpired):
                 pass
             time.sleep(0.2)
         raise TimeoutError(

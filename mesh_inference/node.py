@@ -566,6 +566,12 @@ class Node:
                         return
                     if self._loop.time() > deadline:
                         return
+                elif self._endpoint.peers():
+                    # A bootstrap address is only needed while we are alone (another of
+                    # the token's addresses may have worked).
+                    await asyncio.sleep(1.0)
+                    delay = 0.2
+                    continue
                 try:
                     got = await self._endpoint.dial(addr)
                 except Exception as exc:
