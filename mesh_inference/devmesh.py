@@ -82,6 +82,7 @@ class LocalMesh:
     root: Path
     python: str = sys.executable
     extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
     nodes: list[NodeProcess] = field(default_factory=list)
 
     def start_node(
@@ -131,7 +132,7 @@ class LocalMesh:
             argv = ["ip", "netns", "exec", netns, *argv]
         log_path = state / "node.log"
         log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         proc = subprocess.Popen(
             argv,
             stdout=log,

@@ -5,6 +5,7 @@ Screenshots go to docs/ (used in the README).
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakehub import running_hub
 
 from mesh_inference.devmesh import LocalMesh
 
@@ -28,7 +30,14 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         find_backend("bin")
     except EngineUnavailable as exc:
         pytest.skip(f"llama.cpp binaries not installed: {exc}")
-    lm = LocalMesh(tmp_path_factory.mktemp("console"), extra_args=["--threads", "1"])
+    root = tmp_path_factory.mktemp("console")
+    hub_cm = running_hub()
+    hub = hub_cm.__enter__()
+    # A small stand-in for a catalog model, served by a local fake hub.
+    hub.add("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "qwen2.5-0.5b-instruct-q4_k_m.gguf",
+            b"GGUF" + os.urandom(2 << 20))
+    lm = LocalMesh(root, extra_args=["--threads", "1", "--models-dir", str(root / "models")],
+                   extra_env={"HF_ENDPOINT": hub.url})
     try:
         a = lm.start_node("gaming-pc", model="smollm2-135m", max_vram_gb=8)
         token = lm.join_token(a)
@@ -36,9 +45,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         c = lm.start_node("laptop", join=token, max_vram_gb=2)
         lm.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 3, timeout=300,
                     what="3-node mesh ready")
-        yield {"lm": lm, "a": a, "b": b, "c": c}
+        yield {"lm": lm, "a": a, "b": b, "c": c, "hub": hub}
     finally:
         lm.stop()
+        hub_cm.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +106,11 @@ def test_console_end_to_end(mesh: dict[str, Any], browser: Any) -> None:
     page.click("button[data-view=models]")
     page.wait_for_selector("tr[data-model=smollm2-135m] .current", timeout=10000)
     page.screenshot(path=str(DOCS / "console-models.png"))
+    # Download a catalog model (from the local fake hub) and see it become usable.
+    page.click("tr[data-model='qwen2.5-0.5b'] button:has-text('Download')")
+    page.wait_for_selector("tr[data-model='qwen2.5-0.5b'] button:has-text('Use this model')",
+                           timeout=30000)
+    assert any(r[0] == "GET" for r in mesh["hub"].requests)
 
     # Killing a worker removes it from the view within a few seconds.
     page.click("button[data-view=mesh]")
