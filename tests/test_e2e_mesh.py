@@ -156,6 +156,20 @@ def test_killing_a_worker_replans_to_two(mesh: dict[str, Any]) -> None:
     assert "Paris" in _ask(mesh["client"], stream=True)
 
 
+def test_killing_the_host_moves_the_engine(mesh: dict[str, Any]) -> None:
+    """After the worker above, the host dies too: b holds the catalog model and takes over."""
+    lm: LocalMesh = mesh["lm"]
+    a, b = mesh["a"], mesh["b"]
+    a_id, b_id = a.status()["node"]["id"], b.status()["node"]["id"]
+    a.kill(signal.SIGKILL)
+    st = lm.wait_for(b, lambda s: s["ready"] and s["host_id"] == b_id, timeout=120,
+                     what="b hosting alone")
+    assert st["plan"]["order"] == [b_id] and a_id not in st["plan"]["order"]
+    lm.wait_for(mesh["client"], lambda s: s["host_id"] == b_id and s["ready"], timeout=60,
+                what="the client following the new host")
+    assert "Paris" in _ask(mesh["client"], stream=False)
+
+
 def test_embedded_engine_serves_a_two_node_mesh(tmp_path: Path) -> None:
     """The llama-cpp-python backend behind the same mesh: host + one tunnelled worker."""
     from mesh_inference.engine.backends import EngineUnavailable, find_backend
