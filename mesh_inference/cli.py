@@ -200,6 +200,9 @@ def _run_node(**opts: Any) -> None:
         console_dir=_console_dir(),
     )
 
+    if config.model_ref is not None:
+        _fetch_model_if_needed(config.model_ref, config.models_dir)
+
     async def main() -> int:
         node = Node(config)
         try:
@@ -232,6 +235,20 @@ def _run_node(**opts: Any) -> None:
         return 0
 
     sys.exit(asyncio.run(main()))
+
+
+def _fetch_model_if_needed(ref: str, models_dir: Path) -> None:
+    """A catalog or hf:// model that is not here yet is downloaded first, with a progress bar."""
+    from .cli_models import download_with_progress
+    from .models import ModelError, resolve_model
+
+    try:
+        resolved = resolve_model(ref, models_dir)
+    except ModelError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    if resolved.path is None and resolved.hf is not None:
+        click.echo(f"model {ref} is not on this machine: downloading it to {models_dir}", err=True)
+        download_with_progress(ref, models_dir)
 
 
 async def _report_progress(node: Any) -> None:

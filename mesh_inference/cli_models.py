@@ -67,12 +67,18 @@ def list_cmd(models_dir: Path | None) -> None:
 @_dir_option
 def download(ref: str, models_dir: Path | None) -> None:
     """Download REF (a catalog name or hf://owner/repo/file.gguf) with a progress bar."""
-    models_dir = models_dir or default_models_dir()
+    path = download_with_progress(ref, models_dir or default_models_dir())
+    click.echo(f"downloaded {path}")
+
+
+def download_with_progress(ref: str, models_dir: Path) -> Path:
+    """Download with a rich progress bar on stderr; errors become ClickException."""
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
+        console=Console(stderr=True),
     ) as bar:
         task = bar.add_task(ref, total=None)
 
@@ -80,10 +86,9 @@ def download(ref: str, models_dir: Path | None) -> None:
             bar.update(task, completed=p.downloaded_bytes, total=p.total_bytes)
 
         try:
-            path = download_model(ref, models_dir, progress=on_progress)
+            return download_model(ref, models_dir, progress=on_progress)
         except ModelError as exc:
             raise click.ClickException(str(exc)) from None
-    click.echo(f"downloaded {path}")
 
 
 @models.command()

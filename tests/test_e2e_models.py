@@ -73,3 +73,29 @@ def test_switching_the_model_relaunches_the_mesh(tmp_path: Path) -> None:
         assert code == 200
     finally:
         lm.stop()
+
+
+def test_hf_model_is_downloaded_at_start_and_served(tmp_path: Path) -> None:
+    """`--model hf://…` on a machine without the file: download (local fake hub), then serve."""
+    from fakehub import running_hub
+
+    src = resolve_model("smollm2-135m").path
+    assert src is not None
+    models = tmp_path / "models"
+    with running_hub() as hub:
+        hub.add("someone/smol-GGUF", "smol-q4.gguf", src.read_bytes())
+        lm = LocalMesh(tmp_path / "nodes", extra_args=["--threads", "1", "--models-dir",
+                                                       str(models)],
+                       extra_env={"HF_ENDPOINT": hub.url})
+        try:
+            a = lm.start_node("a", model="hf://someone/smol-GGUF/smol-q4.gguf", max_vram_gb=2)
+            st = lm.wait_for(a, lambda s: s["ready"], timeout=120, what="serving the download")
+            assert st["model"]["ref"] == "hf://someone/smol-GGUF/smol-q4.gguf"
+            assert (models / "smol-q4.gguf").stat().st_size == src.stat().st_size
+            code, body = post(f"{a.url}/v1/chat/completions", {"messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the capital of France?"}],
+                "temperature": 0, "max_tokens": 16})
+            assert code == 200 and "Paris" in str(body["choices"])
+        finally:
+            lm.stop()
