@@ -1,6 +1,7 @@
 """The console in real Chromium (Playwright) against a real 3-node mesh on SmolLM2.
 
-Screenshots go to docs/ (used in the README).
+Screenshots go to the test's temp dir; with UPDATE_SCREENSHOTS=1 they replace
+the ones in docs/ that the README shows.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-def test_console_end_to_end(mesh: dict[str, Any], browser: Any) -> None:
-    DOCS.mkdir(exist_ok=True)
+def test_console_end_to_end(mesh: dict[str, Any], browser: Any, tmp_path: Path) -> None:
+    shots = DOCS if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
     a = mesh["a"]
     ctx = browser.new_context(viewport={"width": 1280, "height": 800})
     ctx.grant_permissions(["clipboard-read", "clipboard-write"], origin=a.url)
@@ -82,7 +83,7 @@ def test_console_end_to_end(mesh: dict[str, Any], browser: Any) -> None:
     assert host_cards.count() == 1
     assert "gaming-pc" in host_cards.inner_text()
     assert "ready" in page.locator("#ready-pill").inner_text()
-    page.screenshot(path=str(DOCS / "console-mesh.png"))
+    page.screenshot(path=str(shots / "console-mesh.png"))
 
     # Chat: a streamed answer with tokens/s and time to first token.
     page.click("button[data-view=chat]")
@@ -93,7 +94,7 @@ def test_console_end_to_end(mesh: dict[str, Any], browser: Any) -> None:
     answer = page.locator(".msg.assistant .body").last.inner_text()
     assert answer.strip() and "⚠" not in answer
     assert "tok/s" in page.locator(".msg.assistant .stats").last.inner_text()
-    page.screenshot(path=str(DOCS / "console-chat.png"))
+    page.screenshot(path=str(shots / "console-chat.png"))
 
     # Join: the copy button puts the token on the clipboard.
     page.click("button[data-view=join]")
@@ -101,11 +102,11 @@ def test_console_end_to_end(mesh: dict[str, Any], browser: Any) -> None:
     assert page.locator("#token").inner_text() == token
     page.click("#copy-token")
     assert page.evaluate("navigator.clipboard.readText()") == token
-    page.screenshot(path=str(DOCS / "console-join.png"))
+    page.screenshot(path=str(shots / "console-join.png"))
 
     page.click("button[data-view=models]")
     page.wait_for_selector("tr[data-model=smollm2-135m] .current", timeout=10000)
-    page.screenshot(path=str(DOCS / "console-models.png"))
+    page.screenshot(path=str(shots / "console-models.png"))
     # Download a catalog model (from the local fake hub) and see it become usable.
     page.click("tr[data-model='qwen2.5-0.5b'] button:has-text('Download')")
     page.wait_for_selector("tr[data-model='qwen2.5-0.5b'] button:has-text('Use this model')",
@@ -125,7 +126,7 @@ def test_console_end_to_end(mesh: dict[str, Any], browser: Any) -> None:
     mp.on("pageerror", lambda e: errors.append(str(e)))
     mp.goto(a.url + "/#mesh")
     mp.wait_for_function("document.querySelectorAll('.card').length === 2", timeout=15000)
-    mp.screenshot(path=str(DOCS / "console-mobile.png"))
+    mp.screenshot(path=str(shots / "console-mobile.png"))
     phone.close()
     ctx.close()
     assert errors == []
