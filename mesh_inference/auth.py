@@ -1,15 +1,26 @@
-"""The mesh-secret handshake on a control stream, sans-I/O.
+"""The mesh-secret handshake on the control stream, sans-I/O.
+
+Public API::
+
+    hs = Handshake(identity, mesh, is_dialer=True, peer_tls_pubkey_der=spki)
+    for mtype, payload in hs.pop_frames(): ...   # send as DCF frames, in order
+    hs.handle_frame(frame)                       # each received control frame
+    hs.complete; hs.peer_id; hs.peer_pubkey_der  # once complete
+    AuthFailed(reason)                           # raised on any failure; then drop the peer
 
 Flow (DESIGN.md "Handshake"): dialer Hello → acceptor Hello → dialer Proof
-→ acceptor Proof + Welcome. The dialer proves first, so a stranger who
-dials learns nothing from us. A Proof is an HMAC with the mesh secret and
-an ECDSA signature with the node key, both over the transcript (both Hello
-payloads) and the prover's role; the signature binds the node id, which is
-the hash of the key.
+→ acceptor Proof + Welcome. A Proof is an HMAC-SHA256 with the mesh secret
+and an ECDSA-P256-SHA256 signature with the node key, both over the
+transcript (both Hello payloads, each with a fresh 32-byte nonce) followed
+by the prover's role, so a proof can be neither replayed into another
+session nor reflected back to its sender. The signature binds the node id,
+which is the hash of the key.
 
-Usage: ``hs = Handshake(identity, mesh, is_dialer=...)``; send
-``hs.pop_frames()``; feed received frames to ``hs.handle_frame(frame)``
-until ``hs.complete``. Any failure raises :class:`AuthFailed`.
+The dialer proves first, so a stranger who dials learns nothing. The
+dialer also refuses an acceptor Hello whose key differs from the acceptor's
+TLS certificate (``peer_tls_pubkey_der``) *before* it proves anything:
+otherwise a relay in the middle could forward our proof to the real
+acceptor and be admitted in our name.
 """
 
 from __future__ import annotations
@@ -21,16 +32,40 @@ import hmac
 import json
 import secrets
 import struct
+from enum import Enum
 
 from .dcf import Frame, MessageType
-from .identity import MeshCredentials, NodeIdentity, node_id_for, verify_signature
+from .identity import (
+    MeshCredentials,
+    NodeIdentity,
+    load_p256_public_key,
+    node_id_for,
+    verify_signature,
+)
 
 PROTOCOL = b"mesh-inference/1"
+VERSION = 1
+NONCE_BYTES = 32
+# Hellos and Proofs are a few hundred bytes; anything much bigger is hostile.
 MAX_HANDSHAKE_PAYLOAD = 4096
+MAX_PUBKEY_DER = 512
+MAX_SIGNATURE = 160  # a DER ECDSA P-256 signature is at most 72 bytes
 
 
 class AuthFailed(Exception):
-    pass
+    """The peer could not be authenticated; ``reason`` says why (safe to log)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _State(Enum):
+    WAIT_HELLO = "wait-hello"
+    WAIT_PROOF = "wait-proof"
+    WAIT_WELCOME = "wait-welcome"
+    DONE = "done"
+    FAILED = "failed"
 
 
 def _b64(data: bytes) -> str:
@@ -38,27 +73,32 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(value: object, what: str, max_len: int) -> bytes:
-    if not isinstance(value, str) or len(value) > max_len * 2:
-        raise AuthFailed(f"bad {what}")
+    if not isinstance(value, str) or len(value) > (max_len + 2) * 4 // 3 + 4:
+        raise AuthFailed(f"bad {what} in handshake")
     try:
-        return base64.b64decode(value, validate=True)
+        raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise AuthFailed(f"bad {what}") from None
+        raise AuthFailed(f"bad {what} in handshake (not base64)") from None
+    if len(raw) > max_len:
+        raise AuthFailed(f"bad {what} in handshake (too long)")
+    return raw
 
 
-def _json(payload: bytes) -> dict[str, object]:
+def _json(payload: bytes, what: str) -> dict[str, object]:
     if len(payload) > MAX_HANDSHAKE_PAYLOAD:
-        raise AuthFailed("handshake frame too large")
+        raise AuthFailed(f"{what} frame is too large ({len(payload)} B)")
     try:
-        data = json.loads(payload)
+        data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise AuthFailed("handshake frame is not JSON") from None
+        raise AuthFailed(f"{what} frame is not JSON") from None
     if not isinstance(data, dict):
-        raise AuthFailed("handshake frame is not an object")
+        raise AuthFailed(f"{what} frame is not a JSON object")
     return data
 
 
 class Handshake:
+    """One side of the handshake. Feed frames in, send what :meth:`pop_frames` returns."""
+
     def __init__(
         self,
         identity: NodeIdentity,
@@ -66,66 +106,93 @@ class Handshake:
         *,
         is_dialer: bool,
         nonce: bytes | None = None,
+        peer_tls_pubkey_der: bytes | None = None,
     ) -> None:
+        if nonce is not None and len(nonce) != NONCE_BYTES:
+            raise ValueError(f"a handshake nonce is {NONCE_BYTES} bytes")
         self._identity = identity
         self._mesh = mesh
         self.is_dialer = is_dialer
-        self._nonce = nonce if nonce is not None else secrets.token_bytes(32)
+        self._peer_tls_pubkey_der = peer_tls_pubkey_der
         self._out: list[tuple[MessageType, bytes]] = []
         self._my_hello = json.dumps(
             {
-                "v": 1,
+                "v": VERSION,
                 "node_id": identity.node_id,
                 "pubkey": _b64(identity.public_key_der()),
                 "mesh_id": mesh.mesh_id,
-                "nonce": _b64(self._nonce),
+                "nonce": _b64(nonce if nonce is not None else secrets.token_bytes(NONCE_BYTES)),
             },
             separators=(",", ":"),
         ).encode()
         self._peer_hello: bytes | None = None
         self.peer_id: str | None = None
         self.peer_pubkey_der: bytes | None = None
-        self.complete = False
-        self._failed = False
-        # dialer: hello-sent → proof-sent → done; acceptor: wait-hello → proof-wait → done
-        self._state = "wait-hello"
+        self._state = _State.WAIT_HELLO
         if is_dialer:
             self._out.append((MessageType.HELLO, self._my_hello))
 
+    @property
+    def complete(self) -> bool:
+        return self._state is _State.DONE
+
+    @property
+    def failed(self) -> bool:
+        return self._state is _State.FAILED
+
     def pop_frames(self) -> list[tuple[MessageType, bytes]]:
+        """Frames to send now, in order: (type, payload)."""
         out, self._out = self._out, []
         return out
 
-    def _transcript(self) -> bytes:
+    def handle_frame(self, frame: Frame) -> None:
+        if self._state in (_State.DONE, _State.FAILED):
+            raise AuthFailed(f"unexpected {frame.type.name} frame after the handshake ended")
+        try:
+            self._step(frame)
+        except AuthFailed:
+            self._state = _State.FAILED
+            self._out.clear()
+            raise
+
+    # -- internals
+    def _transcript(self, role: bytes) -> bytes:
         assert self._peer_hello is not None
         dialer, acceptor = (
             (self._my_hello, self._peer_hello)
             if self.is_dialer
             else (self._peer_hello, self._my_hello)
         )
-        return (
-            PROTOCOL
-            + self._mesh.mesh_id.encode()
-            + struct.pack(">I", len(dialer))
-            + dialer
-            + struct.pack(">I", len(acceptor))
-            + acceptor
+        return b"".join(
+            (
+                PROTOCOL,
+                self._mesh.mesh_id.encode(),
+                struct.pack(">I", len(dialer)),
+                dialer,
+                struct.pack(">I", len(acceptor)),
+                acceptor,
+                role,
+            )
         )
 
+    def _my_role(self) -> bytes:
+        return b"dialer" if self.is_dialer else b"acceptor"
+
+    def _peer_role(self) -> bytes:
+        return b"acceptor" if self.is_dialer else b"dialer"
+
     def _proof(self) -> bytes:
-        role = b"dialer" if self.is_dialer else b"acceptor"
-        data = self._transcript() + role
+        data = self._transcript(self._my_role())
         mac = hmac.new(self._mesh.secret, data, hashlib.sha256).digest()
         return json.dumps(
             {"mac": _b64(mac), "sig": _b64(self._identity.sign(data))}, separators=(",", ":")
         ).encode()
 
     def _check_proof(self, payload: bytes) -> None:
-        role = b"acceptor" if self.is_dialer else b"dialer"
-        data = self._transcript() + role
-        msg = _json(payload)
-        mac = _unb64(msg.get("mac"), "mac", 64)
-        sig = _unb64(msg.get("sig"), "signature", 128)
+        msg = _json(payload, "Proof")
+        mac = _unb64(msg.get("mac"), "mac", 32)
+        sig = _unb64(msg.get("sig"), "signature", MAX_SIGNATURE)
+        data = self._transcript(self._peer_role())
         want = hmac.new(self._mesh.secret, data, hashlib.sha256).digest()
         if not hmac.compare_digest(mac, want):
             raise AuthFailed("auth failed: the peer does not know the mesh secret")
@@ -134,58 +201,58 @@ class Handshake:
             raise AuthFailed("auth failed: bad signature for the peer's node key")
 
     def _take_hello(self, payload: bytes) -> None:
-        msg = _json(payload)
-        if msg.get("v") != 1:
-            raise AuthFailed(f"unsupported protocol version {msg.get('v')!r}")
+        msg = _json(payload, "Hello")
+        version = msg.get("v")
+        if type(version) is not int or version != VERSION:
+            raise AuthFailed(f"unsupported protocol version {version!r}")
         if msg.get("mesh_id") != self._mesh.mesh_id:
             raise AuthFailed("auth failed: the peer belongs to another mesh")
-        pubkey = _unb64(msg.get("pubkey"), "public key", 256)
-        nonce = _unb64(msg.get("nonce"), "nonce", 64)
-        if len(nonce) != 32:
-            raise AuthFailed("bad nonce")
-        if msg.get("node_id") != node_id_for(pubkey):
+        pubkey = _unb64(msg.get("pubkey"), "public key", MAX_PUBKEY_DER)
+        if load_p256_public_key(pubkey) is None:
+            raise AuthFailed("auth failed: the peer's public key is not a P-256 key")
+        nonce = _unb64(msg.get("nonce"), "nonce", NONCE_BYTES)
+        if len(nonce) != NONCE_BYTES:
+            raise AuthFailed(f"bad nonce in handshake (not {NONCE_BYTES} bytes)")
+        node_id = node_id_for(pubkey)
+        if msg.get("node_id") != node_id:
             raise AuthFailed("auth failed: node id does not match the public key")
-        if msg.get("node_id") == self._identity.node_id:
+        if node_id == self._identity.node_id:
             raise AuthFailed("connected to ourselves")
+        if self._peer_tls_pubkey_der is not None and pubkey != self._peer_tls_pubkey_der:
+            raise AuthFailed("auth failed: the TLS certificate does not carry the node key")
         self._peer_hello = payload
         self.peer_pubkey_der = pubkey
-        self.peer_id = node_id_for(pubkey)
-
-    def handle_frame(self, frame: Frame) -> None:
-        if self._failed or self.complete:
-            raise AuthFailed(f"unexpected {frame.type.name} frame")
-        try:
-            self._step(frame)
-        except AuthFailed:
-            self._failed = True
-            raise
+        self.peer_id = node_id
 
     def _step(self, frame: Frame) -> None:
         t, state = frame.type, self._state
+        if t == MessageType.ERROR:
+            try:
+                reason = str(_json(frame.payload, "Error").get("reason", "no reason given"))
+            except AuthFailed:
+                reason = "no reason given"
+            raise AuthFailed(f"refused by peer: {reason[:200]}")
         if self.is_dialer:
-            if state == "wait-hello" and t == MessageType.HELLO:
+            if state is _State.WAIT_HELLO and t == MessageType.HELLO:
                 self._take_hello(frame.payload)
                 self._out.append((MessageType.PROOF, self._proof()))
-                self._state = "wait-proof"
-            elif state == "wait-proof" and t == MessageType.PROOF:
+                self._state = _State.WAIT_PROOF
+            elif state is _State.WAIT_PROOF and t == MessageType.PROOF:
                 self._check_proof(frame.payload)
-                self._state = "wait-welcome"
-            elif state == "wait-welcome" and t == MessageType.WELCOME:
-                self.complete = True
-            elif t == MessageType.ERROR:
-                reason = _json(frame.payload).get("reason", "refused")
-                raise AuthFailed(f"refused by peer: {str(reason)[:200]}")
+                self._state = _State.WAIT_WELCOME
+            elif state is _State.WAIT_WELCOME and t == MessageType.WELCOME:
+                _json(frame.payload, "Welcome")  # {} today; later versions may add fields
+                self._state = _State.DONE
             else:
-                raise AuthFailed(f"unexpected {t.name} during handshake ({state})")
+                raise AuthFailed(f"unexpected {t.name} during handshake ({state.value})")
+        elif state is _State.WAIT_HELLO and t == MessageType.HELLO:
+            self._take_hello(frame.payload)
+            self._out.append((MessageType.HELLO, self._my_hello))
+            self._state = _State.WAIT_PROOF
+        elif state is _State.WAIT_PROOF and t == MessageType.PROOF:
+            self._check_proof(frame.payload)
+            self._out.append((MessageType.PROOF, self._proof()))
+            self._out.append((MessageType.WELCOME, b"{}"))
+            self._state = _State.DONE
         else:
-            if state == "wait-hello" and t == MessageType.HELLO:
-                self._take_hello(frame.payload)
-                self._out.append((MessageType.HELLO, self._my_hello))
-                self._state = "wait-proof"
-            elif state == "wait-proof" and t == MessageType.PROOF:
-                self._check_proof(frame.payload)
-                self._out.append((MessageType.PROOF, self._proof()))
-                self._out.append((MessageType.WELCOME, b"{}"))
-                self.complete = True
-            else:
-                raise AuthFailed(f"unexpected {t.name} during handshake ({state})")
+            raise AuthFailed(f"unexpected {t.name} during handshake ({state.value})")

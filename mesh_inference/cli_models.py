@@ -1,17 +1,35 @@
-"""``mesh-inference models list|download|rm``."""
+"""``mesh-inference models list|download|rm``.
+
+Public API: ``models`` (the click group; the main CLI does
+``cli.add_command(models)``) and ``download_with_progress(ref, models_dir) -> Path``
+(a download with a rich progress bar on stderr; errors become
+``click.ClickException``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
-import psutil
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from .download import DownloadProgress, download_model, remove_model
-from .models import ModelError, default_models_dir, list_local_models, load_catalog, model_fits
+from .models import (
+    ModelError,
+    default_models_dir,
+    list_local_models,
+    load_catalog,
+    model_fits,
+    resolve_model,
+)
 
 _dir_option = click.option(
     "--models-dir",
@@ -20,8 +38,8 @@ _dir_option = click.option(
 )
 
 
-def _gb(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.2f} GB"
+def _gb(n: int | None, approx: bool = False) -> str:
+    return "-" if n is None else f"{'≈' if approx else ''}{n / 1e9:.2f} GB"
 
 
 @click.group()
@@ -33,41 +51,63 @@ def models() -> None:
 @_dir_option
 def list_cmd(models_dir: Path | None) -> None:
     """The catalog and the models on this machine."""
-    from .models import resolve_model
+    from .resources import detect_memory
 
     models_dir = models_dir or default_models_dir()
-    avail = int(psutil.virtual_memory().available)
+    try:
+        catalog = load_catalog()
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    offer = detect_memory(None, client=False)
+
+    def fits(size: int | None) -> str:
+        if size is None:
+            return "?"
+        return "yes" if model_fits(size, offer.bytes) else "no (needs a mesh)"
+
     table = Table(title="catalog", header_style="bold")
-    for col in ("name", "size", "quant", "params", "here", "fits this machine"):
+    for col in ("name", "params", "quant", "size", "local", "fits this machine"):
         table.add_column(col)
-    for e in load_catalog():
-        here = resolve_model(e.name, models_dir).path is not None
+    for e in catalog:
+        try:
+            local = "yes" if resolve_model(e.name, models_dir).path is not None else "no"
+        except ModelError:
+            local = "broken file"
         table.add_row(
-            e.name,
-            ("≈" if e.size_approx else "") + _gb(e.size_bytes),
-            e.quant,
-            e.params,
-            "yes" if here else "-",
-            "yes" if model_fits(e.size_bytes, avail) else "no (needs a mesh)",
+            e.name, e.params, e.quant, _gb(e.size_bytes, e.size_approx), local, fits(e.size_bytes)
         )
     console = Console()
     console.print(table)
-    local = list_local_models(models_dir)
-    if local:
-        lt = Table(title=f"local models in {models_dir}", header_style="bold")
-        lt.add_column("name")
-        lt.add_column("size")
-        for m in local:
-            lt.add_row(m.name, _gb(m.size_bytes))
+    console.print(f"this machine offers {offer.bytes / 1e9:.2f} GB ({offer.detail})")
+    local_models = list_local_models(models_dir)
+    if local_models:
+        lt = Table(title=f"files in {models_dir}", header_style="bold")
+        for col in ("name", "size", "fits this machine"):
+            lt.add_column(col)
+        for m in local_models:
+            lt.add_row(m.name, _gb(m.size_bytes), fits(m.size_bytes))
         console.print(lt)
+    else:
+        console.print(f"no models in {models_dir} yet")
 
 
 @models.command()
 @click.argument("ref")
 @_dir_option
 def download(ref: str, models_dir: Path | None) -> None:
-    """Download REF (a catalog name or hf://owner/repo/file.gguf) with a progress bar."""
-    path = download_with_progress(ref, models_dir or default_models_dir())
+    """Download REF (a catalog name or hf://owner/repo/file.gguf) with a progress bar.
+
+    An interrupted download continues where it stopped when run again.
+    """
+    models_dir = models_dir or default_models_dir()
+    try:
+        resolved = resolve_model(ref, models_dir)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    if resolved.path is not None:
+        click.echo(f"{ref} is already on this machine: {resolved.path}")
+        return
+    path = download_with_progress(ref, models_dir)
     click.echo(f"downloaded {path}")
 
 
@@ -78,6 +118,7 @@ def download_with_progress(ref: str, models_dir: Path) -> Path:
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
+        TimeRemainingColumn(),
         console=Console(stderr=True),
     ) as bar:
         task = bar.add_task(ref, total=None)
@@ -95,7 +136,7 @@ def download_with_progress(ref: str, models_dir: Path) -> Path:
 @click.argument("name")
 @_dir_option
 def rm(name: str, models_dir: Path | None) -> None:
-    """Delete a downloaded model (all parts)."""
+    """Delete a downloaded model (every part, and partial downloads)."""
     try:
         removed = remove_model(name, models_dir or default_models_dir())
     except ModelError as exc:

@@ -1,10 +1,20 @@
 """Node identity (key pair, certificate, node id) and mesh credentials on disk.
 
-- ``node.key`` (PEM, 0600) and ``node.crt``: a P-256 key and a self-signed
-  certificate used for QUIC/TLS 1.3. The node id is derived from the public
-  key, so it cannot be claimed without the private key (auth.py checks it).
-- ``mesh.json`` (0600): the mesh id and the 32-byte mesh secret that every
-  peer must prove in the handshake.
+Public API::
+
+    ident = load_or_create_identity(state_dir)      # node.key (0600 PEM) + node.crt
+    ident.node_id; ident.public_key_der(); ident.sign(data); ident.certificate
+    NodeIdentity.generate()                         # in memory only (tests, devmesh)
+    node_id_for(pubkey_der) -> str                  # 16 lowercase hex chars
+    verify_signature(pubkey_der, sig, data) -> bool # ECDSA P-256 / SHA-256
+    mesh = load_or_create_mesh(state_dir, token, replace=False)  # mesh.json (0600)
+    MeshCredentials(mesh_id, secret); MeshCredentials.generate()
+
+The node id is the first 8 bytes of SHA-256 over the public key's
+SubjectPublicKeyInfo DER, so nobody can claim an id without holding the key
+(auth.py checks it). Every unreadable or inconsistent state file raises
+:class:`IdentityError` naming the file and what to do; nothing is silently
+overwritten except a *missing* certificate, which is derived data.
 """
 
 from __future__ import annotations
@@ -13,8 +23,9 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +37,15 @@ from cryptography.x509.oid import NameOID
 
 if TYPE_CHECKING:
     from .jointoken import JoinToken
+
+KEY_FILE = "node.key"
+CERT_FILE = "node.crt"
+MESH_FILE = "mesh.json"
+CERT_VALIDITY = datetime.timedelta(days=3650)
+MESH_ID_RE = re.compile(r"[0-9a-f]{16}")
+SECRET_BYTES = 32
+# State files are a few hundred bytes; refusing big ones keeps a wrong path cheap.
+MAX_STATE_FILE = 64 << 10
 
 
 class IdentityError(ValueError):
@@ -42,12 +62,20 @@ def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
     )
 
 
-def verify_signature(public_key_der: bytes, signature: bytes, data: bytes) -> bool:
+def load_p256_public_key(public_key_der: bytes) -> ec.EllipticCurvePublicKey | None:
+    """The P-256 key in ``public_key_der`` (SubjectPublicKeyInfo), or None."""
     try:
         key = serialization.load_der_public_key(public_key_der)
     except (ValueError, TypeError):
-        return False
+        return None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        return None
+    return key
+
+
+def verify_signature(public_key_der: bytes, signature: bytes, data: bytes) -> bool:
+    key = load_p256_public_key(public_key_der)
+    if key is None:
         return False
     try:
         key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
@@ -60,7 +88,10 @@ def verify_signature(public_key_der: bytes, signature: bytes, data: bytes) -> bo
 class NodeIdentity:
     private_key: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate
-    node_id: str
+    node_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "node_id", node_id_for(self.public_key_der()))
 
     def public_key_der(self) -> bytes:
         return _spki(self.private_key.public_key())
@@ -71,11 +102,11 @@ class NodeIdentity:
     @classmethod
     def generate(cls) -> NodeIdentity:
         key = ec.generate_private_key(ec.SECP256R1())
-        node_id = node_id_for(_spki(key.public_key()))
-        return cls(key, _self_signed(key, node_id), node_id)
+        return cls(key, _self_signed(key))
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, node_id: str) -> x509.Certificate:
+def _self_signed(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    node_id = node_id_for(_spki(key.public_key()))
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mesh-inference-{node_id}")])
     now = datetime.datetime.now(datetime.UTC)
     return (
@@ -84,61 +115,128 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, node_id: str) -> x509.Certific
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
+        # A day of slack: peers' clocks may be behind ours.
         .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
+        .not_valid_after(now + CERT_VALIDITY)
         .sign(key, hashes.SHA256())
     )
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write via a temporary file so a crash never leaves a half-written state file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # O_CREAT would keep an old file's looser mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
+def _read_state_file(path: Path) -> bytes:
+    try:
+        if path.stat().st_size > MAX_STATE_FILE:
+            raise IdentityError(f"{path} is too large to be a mesh-inference state file")
+        return path.read_bytes()
+    except OSError as exc:
+        raise IdentityError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _prepare_dir(state_dir: Path) -> None:
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise IdentityError(f"cannot create state dir {state_dir}: {exc.strerror or exc}") from None
+    if not state_dir.is_dir():
+        raise IdentityError(f"state dir {state_dir} is not a directory")
+
+
 def load_or_create_identity(state_dir: Path) -> NodeIdentity:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    key_path, crt_path = state_dir / "node.key", state_dir / "node.crt"
+    """The node's identity from ``state_dir``; a new one if there is no key yet."""
+    _prepare_dir(state_dir)
+    key_path, crt_path = state_dir / KEY_FILE, state_dir / CERT_FILE
     if not key_path.exists():
         ident = NodeIdentity.generate()
-        _write_private(
+        _write_atomic(
             key_path,
             ident.private_key.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             ),
+            0o600,
         )
-        crt_path.write_bytes(ident.certificate.public_bytes(serialization.Encoding.PEM))
+        _write_atomic(crt_path, ident.certificate.public_bytes(serialization.Encoding.PEM), 0o644)
         return ident
+
+    raw = _read_state_file(key_path)
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (ValueError, TypeError, OSError) as exc:
-        raise IdentityError(f"{key_path} is not a readable private key: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise IdentityError(f"{key_path} is not a P-256 key")
-    node_id = node_id_for(_spki(key.public_key()))
+        key = serialization.load_pem_private_key(raw, password=None)
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(
+            f"{key_path} is not a readable unencrypted PEM private key ({exc}); "
+            "restore it from a backup, or delete it to give this node a new identity"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
+        key.curve, ec.SECP256R1
+    ):
+        raise IdentityError(f"{key_path} is not a P-256 (secp256r1) key")
+
+    if not crt_path.exists():
+        # The certificate is derived from the key: re-issuing it changes nothing a peer checks.
+        cert = _self_signed(key)
+        _write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return NodeIdentity(key, cert)
     try:
-        cert = x509.load_pem_x509_certificate(crt_path.read_bytes())
-        if _spki(cert.public_key()) != _spki(key.public_key()):  # type: ignore[arg-type]
-            raise ValueError("certificate does not match the key")
-    except (ValueError, OSError):
-        # The certificate is derived data: re-issue it rather than refuse to start.
-        cert = _self_signed(key, node_id)
-        crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return NodeIdentity(key, cert, node_id)
+        cert = x509.load_pem_x509_certificate(_read_state_file(crt_path))
+    except ValueError as exc:
+        raise IdentityError(
+            f"{crt_path} is not a readable PEM certificate ({exc}); "
+            "delete it and it will be re-issued from node.key"
+        ) from None
+    cert_key = cert.public_key()
+    if not isinstance(cert_key, ec.EllipticCurvePublicKey) or _spki(cert_key) != _spki(
+        key.public_key()
+    ):
+        raise IdentityError(
+            f"{crt_path} does not belong to {key_path} (another node's files mixed in?); "
+            "delete node.crt and it will be re-issued from node.key"
+        )
+    return NodeIdentity(key, cert)
 
 
 @dataclass(frozen=True)
 class MeshCredentials:
     mesh_id: str
-    secret: bytes
+    secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not MESH_ID_RE.fullmatch(self.mesh_id):
+            raise ValueError("a mesh id is 16 lowercase hex characters")
+        if len(self.secret) != SECRET_BYTES:
+            raise ValueError(f"a mesh secret is {SECRET_BYTES} bytes")
 
     @classmethod
     def generate(cls) -> MeshCredentials:
-        return cls(secrets.token_hex(8), secrets.token_bytes(32))
+        return cls(secrets.token_hex(8), secrets.token_bytes(SECRET_BYTES))
+
+
+def _load_mesh(path: Path) -> MeshCredentials:
+    raw = _read_state_file(path)
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        mesh_id, secret_hex = data.get("mesh_id"), data.get("secret")
+        if not isinstance(mesh_id, str) or not isinstance(secret_hex, str):
+            raise ValueError("mesh_id and secret must be strings")
+        return MeshCredentials(mesh_id, bytes.fromhex(secret_hex))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IdentityError(
+            f"{path} is corrupt ({exc}); restore it, or delete it and join the mesh "
+            "again with a join token"
+        ) from None
 
 
 def load_or_create_mesh(
@@ -146,33 +244,27 @@ def load_or_create_mesh(
 ) -> MeshCredentials:
     """The mesh this node belongs to: from the token when joining, else stored, else new.
 
-    Joining with a token for another mesh replaces the stored credentials
-    (``replace=False`` refuses instead): the user asked to join that mesh.
+    Joining with a token for another mesh replaces the stored credentials:
+    the user asked to join that mesh. ``replace=False`` refuses instead
+    (raises :class:`IdentityError`).
     """
-    path = state_dir / "mesh.json"
-    stored: MeshCredentials | None = None
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            stored = MeshCredentials(str(data["mesh_id"]), bytes.fromhex(data["secret"]))
-            if len(stored.secret) != 32 or len(stored.mesh_id) != 16:
-                raise ValueError("bad sizes")
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            raise IdentityError(
-                f"{path} is corrupt ({exc}); delete it to start a new mesh"
-            ) from None
-    if token is not None:
-        creds = MeshCredentials(token.mesh_id, token.secret)
-        if stored is not None and stored != creds and not replace:
-            raise IdentityError(
-                f"{state_dir} belongs to mesh {stored.mesh_id}, the token is for {creds.mesh_id}"
-            )
-    elif stored is not None:
-        return stored
-    else:
+    _prepare_dir(state_dir)
+    path = state_dir / MESH_FILE
+    stored = _load_mesh(path) if path.exists() else None
+    if token is None:
+        if stored is not None:
+            return stored
         creds = MeshCredentials.generate()
-    if creds != stored:
-        _write_private(
-            path, json.dumps({"mesh_id": creds.mesh_id, "secret": creds.secret.hex()}).encode()
-        )
+    else:
+        creds = MeshCredentials(token.mesh_id, token.secret)
+        if stored == creds:
+            return stored
+        if stored is not None and not replace:
+            what = "another secret for mesh" if stored.mesh_id == creds.mesh_id else "mesh"
+            raise IdentityError(
+                f"{state_dir} belongs to mesh {stored.mesh_id}, but the join token is for "
+                f"{what} {creds.mesh_id}"
+            )
+    body = json.dumps({"mesh_id": creds.mesh_id, "secret": creds.secret.hex()}).encode()
+    _write_atomic(path, body, 0o600)
     return creds

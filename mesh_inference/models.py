@@ -1,31 +1,55 @@
 """Model references: a path, a file in the models dir, a catalog name, or hf://.
 
-``resolve_model(ref)`` says where the GGUF is on this machine (or that it
-must be downloaded first); ``read_gguf_metadata(path)`` reads what the plan
-needs (layers, size, architecture) with the ``gguf`` package. The catalog is
-data: ``catalog.json`` in this package.
+Public API:
+
+- ``load_catalog(text=None) -> list[CatalogEntry]``: the shipped
+  ``catalog.json`` (package data), validated; ``text`` checks other JSON.
+- ``default_models_dir() -> Path``: ``$MESH_INFERENCE_MODELS`` or
+  ``./local-models``.
+- ``resolve_model(ref, models_dir=None) -> ResolvedModel``: where the GGUF
+  is on this machine, or ``path=None`` when it must be downloaded first
+  (a catalog model not installed, an ``hf://`` file not in ``models_dir``).
+  Refs: a path to a ``.gguf``; a file name (with or without ``.gguf``) in
+  ``models_dir``; a catalog name; ``hf://owner/repo[@revision]/path/file.gguf``.
+  A split GGUF (``-00001-of-0000N.gguf``) counts as here only when every
+  part is.
+- ``read_gguf_metadata(path) -> GgufInfo``: architecture, layers, context,
+  size (all parts of a split model), quantization.
+- ``list_local_models(models_dir) -> list[ResolvedModel]``.
+- ``model_fits(size_bytes, available_bytes, required_bytes=None) -> bool``.
+- Helpers shared with download.py: ``parse_hf``, ``split_parts``,
+  ``split_files``, ``local_file_for``, ``check_gguf``.
+
+Every failure is a :class:`ModelError` with a message meant for a person.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from importlib import resources
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Any, Literal, TypeVar
 
 GGUF_MAGIC = b"GGUF"
+MAX_REF_LENGTH = 1024
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<idx>\d{5})-of-(?P<total>\d{5})\.gguf$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
-_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+_REPO = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_P = TypeVar("_P", bound=PurePath)
 
 
 class ModelError(ValueError):
-    pass
+    """A model reference, catalog or file that cannot be used (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -33,16 +57,17 @@ class CatalogEntry:
     name: str
     display_name: str
     repo: str
-    file: str
-    size_bytes: int
+    file: str  # path inside the repo; a split model names its first part
+    size_bytes: int  # all parts together
     size_approx: bool
     quant: str
     params: str
     license: str
-    sha256: str | None
+    sha256: str | None  # of ``file`` (single-file models only); None: trust the hub's
     description: str
-    package: str | None = None
+    package: str | None = None  # a pip package that ships the file
     package_file: str | None = None
+    revision: str = "main"
 
 
 @dataclass(frozen=True)
@@ -67,10 +92,11 @@ class ResolvedModel:
 class GgufInfo:
     architecture: str
     name: str
-    layers: int
+    layers: int  # <arch>.block_count
     context_length: int | None
-    size_bytes: int
-    file_type: int | None
+    size_bytes: int  # every part of a split model
+    file_type: int | None  # general.file_type (a llama_ftype)
+    quant: str | None  # file_type as a name, e.g. "Q4_K_M"
     n_parts: int
 
 
@@ -78,27 +104,82 @@ def default_models_dir() -> Path:
     return Path(os.environ.get("MESH_INFERENCE_MODELS") or "local-models")
 
 
+# ---------------------------------------------------------------------------
+# catalog
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "display_name": (str,),
+    "repo": (str,),
+    "file": (str,),
+    "size_bytes": (int,),
+    "size_approx": (bool,),
+    "quant": (str,),
+    "params": (str,),
+    "license": (str,),
+    "sha256": (str, type(None)),
+    "description": (str,),
+    "package": (str, type(None)),
+    "package_file": (str, type(None)),
+    "revision": (str,),
+}
+_REQUIRED = {f.name for f in fields(CatalogEntry)} - {"package", "package_file", "revision"}
+
+
 def _check_entry(raw: Any, i: int) -> CatalogEntry:
     if not isinstance(raw, dict):
         raise ModelError(f"catalog entry {i} is not an object")
-    try:
-        entry = CatalogEntry(**raw)
-    except TypeError as exc:
-        raise ModelError(f"catalog entry {i}: {exc}") from None
-    if not _NAME.match(entry.name) or not _REPO.match(entry.repo):
-        raise ModelError(f"catalog entry {i}: bad name or repo")
-    if not entry.file.endswith(".gguf") or ".." in entry.file.split("/"):
-        raise ModelError(f"catalog entry {entry.name}: file must be a .gguf inside the repo")
-    if not isinstance(entry.size_bytes, int) or entry.size_bytes <= 0:
-        raise ModelError(f"catalog entry {entry.name}: bad size")
-    if entry.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", entry.sha256):
-        raise ModelError(f"catalog entry {entry.name}: bad sha256")
+    label = f"catalog entry {i} ({raw.get('name')!r})" if "name" in raw else f"catalog entry {i}"
+    unknown = sorted(set(raw) - set(_FIELD_TYPES))
+    missing = sorted(_REQUIRED - set(raw))
+    if unknown or missing:
+        parts = ([f"unknown fields {unknown}"] if unknown else []) + (
+            [f"missing fields {missing}"] if missing else []
+        )
+        raise ModelError(f"{label}: {', '.join(parts)}")
+    for key, value in raw.items():
+        # bool is an int in Python: a size of `true` must not pass.
+        if not isinstance(value, _FIELD_TYPES[key]) or (
+            isinstance(value, bool) and bool not in _FIELD_TYPES[key]
+        ):
+            raise ModelError(f"{label}: field {key!r} has the wrong type")
+    entry = CatalogEntry(**raw)
+    if not _NAME.match(entry.name):
+        raise ModelError(f"{label}: bad name")
+    if not _REPO.match(entry.repo):
+        raise ModelError(f"{label}: repo must be owner/name")
+    if not _REVISION.match(entry.revision):
+        raise ModelError(f"{label}: bad revision")
+    if not _is_repo_file(entry.file):
+        raise ModelError(f"{label}: file must be a .gguf inside the repo")
+    m = _SPLIT.match(PurePosixPath(entry.file).name)
+    if m and int(m["idx"]) != 1:
+        raise ModelError(f"{label}: a split model must name its first part")
+    if entry.size_bytes <= 0:
+        raise ModelError(f"{label}: size_bytes must be positive")
+    if entry.sha256 is not None and (not _SHA256.match(entry.sha256) or m):
+        raise ModelError(f"{label}: sha256 must be 64 lowercase hex digits, single files only")
+    if not all((entry.display_name, entry.quant, entry.params, entry.license)):
+        raise ModelError(f"{label}: display_name, quant, params and license must not be empty")
+    if (entry.package is None) != (entry.package_file is None):
+        raise ModelError(f"{label}: package and package_file go together")
+    if entry.package_file is not None and (
+        not entry.package_file.endswith(".gguf") or "/" in entry.package_file
+    ):
+        raise ModelError(f"{label}: package_file must be a .gguf file name")
     return entry
 
 
+@functools.cache
+def _shipped_catalog() -> tuple[CatalogEntry, ...]:
+    text = resources.files(__package__).joinpath("catalog.json").read_text("utf-8")
+    return tuple(load_catalog(text))
+
+
 def load_catalog(text: str | None = None) -> list[CatalogEntry]:
+    """The catalog shipped in this package (or ``text``), validated."""
     if text is None:
-        text = resources.files(__package__).joinpath("catalog.json").read_text()
+        return list(_shipped_catalog())
     try:
         data = json.loads(text)
     except ValueError as exc:
@@ -107,25 +188,85 @@ def load_catalog(text: str | None = None) -> list[CatalogEntry]:
         raise ModelError("catalog must be a list")
     entries = [_check_entry(raw, i) for i, raw in enumerate(data)]
     names = [e.name for e in entries]
-    if len(set(names)) != len(names):
-        raise ModelError("catalog has repeated names")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ModelError(f"catalog has repeated names: {', '.join(dupes)}")
     return entries
 
 
+# ---------------------------------------------------------------------------
+# files
+
+
+def _is_repo_file(file: str) -> bool:
+    parts = file.split("/")
+    return (
+        file.endswith(".gguf")
+        and len(file) <= 500
+        and all(p not in ("", ".", "..") for p in parts)
+        and "\\" not in file
+        and all(c.isprintable() for c in file)
+    )
+
+
 def check_gguf(path: Path) -> None:
+    """Raise ModelError unless ``path`` is a readable file starting with the GGUF magic."""
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)
     except OSError as exc:
-        raise ModelError(f"cannot read {path}: {exc.strerror}") from None
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
     if magic != GGUF_MAGIC:
-        raise ModelError(f"{path} is not a GGUF file")
+        raise ModelError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+
+
+def split_parts(path: _P) -> list[_P]:
+    """Every part of a split GGUF named like ``x-00001-of-00003.gguf`` (else ``[path]``)."""
+    m = _SPLIT.match(path.name)
+    if not m:
+        return [path]
+    total = int(m["total"])
+    if total < 1 or int(m["idx"]) > total:
+        return [path]
+    return [path.with_name(f"{m['stem']}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+
+
+def split_files(file: str) -> list[str]:
+    """Like :func:`split_parts` for a repo path (``sub/x-00001-of-00002.gguf``)."""
+    return [str(p) for p in split_parts(PurePosixPath(file))]
+
+
+def _first_part(path: Path) -> Path:
+    return split_parts(path)[0]
+
+
+def local_file_for(file: str, models_dir: Path) -> Path:
+    """Where a repo file lives once downloaded (flattened: only its base name)."""
+    return models_dir / PurePosixPath(file).name
+
+
+def _all_parts_here(first: Path) -> bool:
+    return all(p.is_file() for p in split_parts(first))
+
+
+def _check_complete(path: Path) -> None:
+    missing = [p.name for p in split_parts(path) if not p.is_file()]
+    if missing:
+        raise ModelError(f"split model {path.name} is missing parts: {', '.join(missing)}")
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in split_parts(path) if p.is_file())
 
 
 def _package_file(entry: CatalogEntry) -> Path | None:
     if not entry.package or not entry.package_file:
         return None
-    spec = importlib.util.find_spec(entry.package.replace("-", "_"))
+    # find_spec, not import: a package's __init__ may need things we lack.
+    try:
+        spec = importlib.util.find_spec(entry.package.replace("-", "_"))
+    except (ImportError, ValueError):
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     for loc in spec.submodule_search_locations:
@@ -135,38 +276,56 @@ def _package_file(entry: CatalogEntry) -> Path | None:
     return None
 
 
-def local_file_for(file: str, models_dir: Path) -> Path:
-    """Where a repo file lives once downloaded (flattened: only its base name)."""
-    return models_dir / Path(file).name
+# ---------------------------------------------------------------------------
+# references
 
 
 def parse_hf(ref: str) -> HfRef:
-    body = ref[len("hf://") :]
-    parts = body.split("/")
-    if len(parts) < 3 or not _REPO.match("/".join(parts[:2])):
+    """``hf://owner/repo[@revision]/path/file.gguf`` → :class:`HfRef`."""
+    if not ref.startswith("hf://"):
+        raise ModelError(f"{ref!r} is not an hf:// reference")
+    parts = ref[len("hf://") :].split("/")
+    if len(parts) < 3:
+        raise ModelError(f"{ref!r} is not hf://owner/repo/file.gguf")
+    owner, repo = parts[0], parts[1]
+    revision = "main"
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+        if not _REVISION.match(revision):
+            raise ModelError(f"{ref!r}: bad revision {revision!r}")
+    if not _REPO.match(f"{owner}/{repo}"):
         raise ModelError(f"{ref!r} is not hf://owner/repo/file.gguf")
     file = "/".join(parts[2:])
-    if not file.endswith(".gguf") or any(p in ("", ".", "..") for p in parts[2:]):
+    if not _is_repo_file(file):
         raise ModelError(f"{ref!r}: the file must be a .gguf inside the repo")
-    return HfRef("/".join(parts[:2]), file)
+    return HfRef(f"{owner}/{repo}", file, revision)
+
+
+def _here(file: str, models_dir: Path) -> Path | None:
+    """The downloaded file in ``models_dir`` if it and all its parts are there."""
+    local = local_file_for(file, models_dir)
+    if not local.is_file() or not _all_parts_here(local):
+        return None
+    check_gguf(local)
+    return local
 
 
 def resolve_model(ref: str, models_dir: Path | None = None) -> ResolvedModel:
-    models_dir = models_dir or default_models_dir()
-    if not isinstance(ref, str) or not ref.strip() or len(ref) > 1024:
+    """Say where the model ``ref`` is on this machine (``path=None``: download it first)."""
+    models_dir = models_dir if models_dir is not None else default_models_dir()
+    if not isinstance(ref, str) or not ref.strip() or len(ref) > MAX_REF_LENGTH:
         raise ModelError("empty or over-long model reference")
     ref = ref.strip()
+    if "\0" in ref:
+        raise ModelError("a model reference cannot contain NUL")
     if ref.startswith("hf://"):
         hf = parse_hf(ref)
-        local = local_file_for(hf.file, models_dir)
-        path = local if local.is_file() else None
-        if path is not None:
-            check_gguf(path)
+        path = _here(hf.file, models_dir)
         return ResolvedModel(
             ref,
-            Path(hf.file).name.removesuffix(".gguf"),
+            PurePosixPath(hf.file).name.removesuffix(".gguf"),
             path,
-            path.stat().st_size if path else None,
+            _size(path) if path else None,
             "hf",
             hf=hf,
         )
@@ -174,71 +333,75 @@ def resolve_model(ref: str, models_dir: Path | None = None) -> ResolvedModel:
     if ref.endswith(".gguf") and ("/" in ref or as_path.is_file()):
         if not as_path.is_file():
             raise ModelError(f"model file {ref} does not exist")
-        check_gguf(as_path)
+        first = _first_part(as_path)
+        check_gguf(first)
+        _check_complete(first)
         return ResolvedModel(
-            ref,
-            as_path.name.removesuffix(".gguf"),
-            as_path.resolve(),
-            as_path.stat().st_size,
-            "path",
+            ref, first.name.removesuffix(".gguf"), first.resolve(), _size(first), "path"
         )
-    if _NAME.match(ref):
-        for cand in (models_dir / ref, models_dir / f"{ref}.gguf"):
-            if cand.is_file() and cand.suffix == ".gguf":
-                check_gguf(cand)
-                return ResolvedModel(
-                    ref,
-                    cand.name.removesuffix(".gguf"),
-                    cand.resolve(),
-                    cand.stat().st_size,
-                    "local",
-                )
-        catalog = {e.name: e for e in load_catalog()}
-        entry = catalog.get(ref)
-        if entry is not None:
-            path = _package_file(entry)
-            if path is None:
-                local = local_file_for(entry.file, models_dir)
-                path = local if local.is_file() else None
-            if path is not None:
-                check_gguf(path)
+    if not _NAME.match(ref):
+        raise ModelError(f"{ref!r} is not a model path, name or hf:// reference")
+    for cand in (models_dir / f"{ref}.gguf", models_dir / ref):
+        if cand.suffix == ".gguf" and cand.is_file():
+            first = _first_part(cand)
+            check_gguf(first)
+            _check_complete(first)
             return ResolvedModel(
-                ref,
-                entry.name,
-                path,
-                path.stat().st_size if path else entry.size_bytes,
-                "catalog",
-                entry=entry,
-                hf=HfRef(entry.repo, entry.file),
+                ref, first.name.removesuffix(".gguf"), first.resolve(), _size(first), "local"
             )
-        close = difflib.get_close_matches(ref, list(catalog), n=3)
+    catalog = {e.name: e for e in load_catalog()}
+    entry = catalog.get(ref)
+    if entry is None:
+        close = difflib.get_close_matches(ref, list(catalog), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ModelError(
             f"unknown model {ref!r}: not a file, not in {models_dir}, not in the catalog{hint}"
         )
-    raise ModelError(f"{ref!r} is not a model path, name or hf:// reference")
+    path = _package_file(entry)
+    if path is not None:
+        check_gguf(path)
+    else:
+        path = _here(entry.file, models_dir)
+    return ResolvedModel(
+        ref,
+        entry.name,
+        path,
+        _size(path) if path else entry.size_bytes,
+        "catalog",
+        entry=entry,
+        hf=HfRef(entry.repo, entry.file, entry.revision),
+    )
 
 
-def split_parts(path: Path) -> list[Path]:
-    m = _SPLIT.match(path.name)
-    if not m:
-        return [path]
-    total = int(m["total"])
-    return [path.with_name(f"{m['stem']}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+# ---------------------------------------------------------------------------
+# metadata
+
+
+def _quant_name(file_type: int | None) -> str | None:
+    if file_type is None:
+        return None
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return None
 
 
 def read_gguf_metadata(path: Path) -> GgufInfo:
+    """What the planner needs from a GGUF (the first part of a split model)."""
     from gguf import GGUFReader
 
+    path = _first_part(path)
     check_gguf(path)
     parts = split_parts(path)
-    missing = [p.name for p in parts if not p.is_file()]
-    if missing:
-        raise ModelError(f"split model {path.name} is missing parts: {', '.join(missing)}")
+    _check_complete(path)
+    for p in parts[1:]:
+        check_gguf(p)
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # gguf raises many kinds on corrupt input
-        raise ModelError(f"{path} is not a readable GGUF: {exc}") from None
+        raise ModelError(f"{path} is not a readable GGUF: {exc or type(exc).__name__}") from None
 
     def field(key: str) -> Any:
         f = reader.fields.get(key)
@@ -250,40 +413,62 @@ def read_gguf_metadata(path: Path) -> GgufInfo:
             return None
 
     arch = field("general.architecture")
-    if not isinstance(arch, str):
+    if not isinstance(arch, str) or not arch:
         raise ModelError(f"{path} has no general.architecture")
     layers = field(f"{arch}.block_count")
-    if not isinstance(layers, int) or layers <= 0:
-        raise ModelError(f"{path} has no {arch}.block_count")
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers < 100_000:
+        raise ModelError(f"{path} has no valid {arch}.block_count")
+    count = field("split.count")
+    if isinstance(count, int) and count > 1 and count != len(parts):
+        raise ModelError(
+            f"{path.name} says it is part of a {count}-part split model, "
+            f"but its name says {len(parts)}"
+        )
     ctx = field(f"{arch}.context_length")
     ft = field("general.file_type")
     name = field("general.name")
+    file_type = ft if isinstance(ft, int) and not isinstance(ft, bool) else None
     return GgufInfo(
         architecture=arch,
-        name=name if isinstance(name, str) else path.stem,
+        name=name if isinstance(name, str) and name else path.name.removesuffix(".gguf"),
         layers=layers,
-        context_length=ctx if isinstance(ctx, int) else None,
-        size_bytes=sum(p.stat().st_size for p in parts),
-        file_type=ft if isinstance(ft, int) else None,
+        context_length=ctx if isinstance(ctx, int) and ctx > 0 else None,
+        size_bytes=_size(path),
+        file_type=file_type,
+        quant=_quant_name(file_type),
         n_parts=len(parts),
     )
 
 
+# ---------------------------------------------------------------------------
+# local models and capacity
+
+
 def list_local_models(models_dir: Path) -> list[ResolvedModel]:
+    """Complete GGUF models in ``models_dir`` (a split model once, by its first part)."""
     if not models_dir.is_dir():
         return []
     out = []
     for p in sorted(models_dir.glob("*.gguf")):
         m = _SPLIT.match(p.name)
-        if m and int(m["idx"]) != 1:
+        if (m and int(m["idx"]) != 1) or not p.is_file() or not _all_parts_here(p):
             continue
-        out.append(
-            ResolvedModel(p.name, p.name.removesuffix(".gguf"), p, p.stat().st_size, "local")
-        )
+        try:
+            check_gguf(p)
+        except ModelError:
+            continue
+        out.append(ResolvedModel(p.name, p.name.removesuffix(".gguf"), p, _size(p), "local"))
     return out
 
 
-def model_fits(size_bytes: int, available_bytes: int) -> bool:
-    from .plan import required_bytes
+def model_fits(
+    size_bytes: int,
+    available_bytes: int,
+    required_bytes: Callable[[int], int] | None = None,
+) -> bool:
+    """Whether ``available_bytes`` of memory can run a model of ``size_bytes``."""
+    if required_bytes is None:
+        from .plan import required_bytes as plan_required_bytes
 
+        required_bytes = plan_required_bytes
     return required_bytes(size_bytes) <= available_bytes

@@ -1,22 +1,40 @@
 """TCP ⇄ QUIC-stream bridge for llama.cpp RPC traffic.
 
-Host side: :class:`TunnelListener` listens on 127.0.0.1 and bridges each
-accepted TCP connection (llama-server's RPC client) to a new QUIC stream to
-one worker. Worker side: :func:`bridge_to_local` connects such a stream to
-the worker's own rpc-server on 127.0.0.1.
+Public API::
 
-Both directions are a :class:`Pump`: read a chunk, optionally look at it
-(``inspect`` — the hook where a later version parses RPC frames to cache or
-short-cut commands), write it, and await ``drain()`` so a slow side slows the
-other (backpressure). EOF on one direction is forwarded as a half-close
-(``write_eof``); the bridge ends when both directions ended, or at once when
-either fails, and then closes both ends.
+    listener = TunnelListener(open_stream)   # open_stream: async () -> (reader, writer)
+    port = await listener.start("127.0.0.1", 0)
+    listener.port; listener.bytes_up; listener.bytes_down; listener.connections; listener.active
+    await listener.close()                   # stops listening, tears down every bridge
+
+    await bridge_to_local(reader, writer, "127.0.0.1", rpc_port)   # worker side
+    await bridge(a_reader, a_writer, b_reader, b_writer)            # the generic pair of pumps
+
+Host side: :class:`TunnelListener` listens on the loopback interface and
+bridges each accepted TCP connection (llama-server's RPC client) to a new
+QUIC stream to one worker, obtained from ``open_stream`` (which sends the
+OpenTunnel frame). Worker side: :func:`bridge_to_local` connects such a
+stream to the worker's own rpc-server on 127.0.0.1.
+
+Each direction is a :class:`Pump`: read a chunk, ``inspect`` it, write
+what ``inspect`` returned, ``await drain()`` -- so a slow side slows the
+other down (backpressure both ways). EOF on one direction is forwarded as a
+half-close (``write_eof``) and the other direction keeps flowing until it
+ends too; an error on either side cancels both pumps and closes both ends.
+
+The hook for protocol-aware tunnels: subclass :class:`Pump`, override
+``inspect`` (it sees the byte stream in order, in arbitrary chunks; it may
+buffer and return less, or more) and pass ``pump=YourPump`` to
+``TunnelListener``/``bridge_to_local``/``bridge``. That is where parsing of
+llama.cpp RPC frames (weight cache, answering repeated queries locally)
+will go; ``Pump.peer`` is the opposite direction's pump, for replies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -25,95 +43,144 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 CHUNK = 256 << 10
+OPEN_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
 
 
-class WriterLike(Protocol):
+class StreamWriterLike(Protocol):
     def write(self, data: bytes) -> None: ...
     async def drain(self) -> None: ...
     def write_eof(self) -> None: ...
     def close(self) -> None: ...
     def is_closing(self) -> bool: ...
+    async def wait_closed(self) -> None: ...
 
 
 Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, Any]]]
 
 
-class Pump:
-    """Copies one direction of a bridge and counts the bytes."""
+def _require_loopback(host: str) -> None:
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        # rpc-server has no authentication: the QUIC tunnel must be the only way in.
+        raise ValueError(f"tunnels only use loopback addresses, not {host!r}")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: WriterLike, name: str) -> None:
-        self.reader, self.writer, self.name = reader, writer, name
+
+def _nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Pump:
+    """Copies one direction of a bridge and counts the bytes it wrote."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: StreamWriterLike,
+        *,
+        name: str,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.name = name
+        self.on_bytes = on_bytes
         self.bytes = 0
-        self.on_bytes: Callable[[int], None] | None = None
+        self.peer: Pump | None = None  # the other direction, set by bridge()
 
     def inspect(self, data: bytes) -> bytes:
-        """Hook for protocol-aware tunnels (RPC frame parsing); identity for now."""
+        """Hook for protocol-aware tunnels: return the bytes to forward. Identity here."""
         return data
+
+    def send(self, data: bytes) -> None:
+        """Write to this pump's output (also usable by ``peer`` to inject replies)."""
+        if not data:
+            return
+        self.bytes += len(data)
+        if self.on_bytes is not None:
+            self.on_bytes(len(data))
+        self.writer.write(data)
 
     async def run(self) -> None:
         while True:
             data = await self.reader.read(CHUNK)
             if not data:
                 break
-            data = self.inspect(data)
-            self.bytes += len(data)
-            if self.on_bytes is not None:
-                self.on_bytes(len(data))
-            self.writer.write(data)
+            self.send(self.inspect(data))
             await self.writer.drain()
         if not self.writer.is_closing():
-            with contextlib.suppress(OSError, RuntimeError):
-                self.writer.write_eof()
+            self.writer.write_eof()
+
+
+async def _close_writer(writer: StreamWriterLike) -> None:
+    with contextlib.suppress(Exception):
+        writer.close()
+    if isinstance(writer, asyncio.StreamWriter):
+        # Only TCP needs this: a QUIC stream's reset is handled by its connection.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await writer.wait_closed()
 
 
 async def bridge(
     a_reader: asyncio.StreamReader,
-    a_writer: WriterLike,
+    a_writer: StreamWriterLike,
     b_reader: asyncio.StreamReader,
-    b_writer: WriterLike,
+    b_writer: StreamWriterLike,
     *,
+    pump: type[Pump] = Pump,
     on_up: Callable[[int], None] | None = None,
     on_down: Callable[[int], None] | None = None,
 ) -> None:
-    """Pump a→b and b→a until both ended; any failure tears both down."""
-    up, down = Pump(a_reader, b_writer, "up"), Pump(b_reader, a_writer, "down")
-    up.on_bytes, down.on_bytes = on_up, on_down
+    """Pump a→b ("up") and b→a ("down") until both ended; any failure tears both down."""
+    up = pump(a_reader, b_writer, name="up", on_bytes=on_up)
+    down = pump(b_reader, a_writer, name="down", on_bytes=on_down)
+    up.peer, down.peer = down, up
     tasks = [asyncio.ensure_future(up.run()), asyncio.ensure_future(down.run())]
     try:
-        pending = set(tasks)
+        pending: set[asyncio.Future[None]] = set(tasks)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is not None:
-                    log.debug("tunnel pump failed: %r", exc)
-                    for other in pending:
-                        other.cancel()
-                    pending = set()
+            failed = [t for t in done if t.exception() is not None]
+            if failed:
+                log.debug("tunnel pump failed: %r", failed[0].exception())
+                break
     finally:
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for w in (a_writer, b_writer):
-            with contextlib.suppress(Exception):
-                w.close()
+        await _close_writer(a_writer)
+        await _close_writer(b_writer)
 
 
 class TunnelListener:
-    """127.0.0.1 listener whose connections are bridged to streams from ``open_stream``."""
+    """A loopback listener whose connections are bridged to streams from ``open_stream``."""
 
-    def __init__(self, open_stream: Opener) -> None:
+    def __init__(self, open_stream: Opener, *, pump: type[Pump] = Pump) -> None:
         self._open_stream = open_stream
+        self._pump = pump
         self._server: asyncio.Server | None = None
-        self._conns: set[asyncio.Task[None]] = set()
+        self._conns: set[asyncio.Task[Any]] = set()
+        self._closed = False
         self.port = 0
         self.bytes_up = 0  # TCP client → tunnel (host → worker)
-        self.bytes_down = 0
-        self.connections = 0
+        self.bytes_down = 0  # tunnel → TCP client (worker → host)
+        self.connections = 0  # accepted so far
+
+    @property
+    def active(self) -> int:
+        return len(self._conns)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        _require_loopback(host)
         self._server = await asyncio.start_server(self._accept, host, port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
@@ -125,49 +192,68 @@ class TunnelListener:
         self.bytes_down += n
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
+        if self._closed:
+            writer.close()
+            return
         self.connections += 1
+        # The bridge runs in a task of its own: close() cancels that one, while asyncio's
+        # connection task ends normally (3.11 logs an error for a cancelled one).
+        task = asyncio.ensure_future(self._serve(reader, writer))
+        self._conns.add(task)
+        task.add_done_callback(self._conns.discard)
+        await asyncio.wait([task])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _nodelay(writer)
         try:
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
                 q_reader, q_writer = await self._open_stream()
-            except Exception as exc:
-                log.warning("tunnel: cannot open a stream to the worker: %s", exc)
-                writer.close()
-                return
-            await bridge(reader, writer, q_reader, q_writer,
-                         on_up=self._count_up, on_down=self._count_down)
-        finally:
-            self._conns.discard(task)
+        except Exception as exc:
+            log.warning("tunnel: cannot open a stream to the worker: %s", exc)
+            await _close_writer(writer)
+            return
+        except asyncio.CancelledError:
+            await _close_writer(writer)
+            raise
+        await bridge(
+            reader,
+            writer,
+            q_reader,
+            q_writer,
+            pump=self._pump,
+            on_up=self._count_up,
+            on_down=self._count_down,
+        )
 
     async def close(self) -> None:
+        self._closed = True
         if self._server is not None:
             self._server.close()
             self._server = None
-        for task in list(self._conns):
+        conns = list(self._conns)
+        for task in conns:
             task.cancel()
-        for task in list(self._conns):
+        for task in conns:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
 
 async def bridge_to_local(
-    reader: asyncio.StreamReader, writer: WriterLike, host: str, port: int
+    reader: asyncio.StreamReader,
+    writer: StreamWriterLike,
+    host: str,
+    port: int,
+    *,
+    pump: type[Pump] = Pump,
 ) -> None:
-    """Worker side: connect a tunnel stream to the local rpc-server and pump."""
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        raise ValueError("tunnels only ever reach services on the loopback interface")
+    """Worker side: connect a tunnel stream to a local service (rpc-server) and pump."""
+    _require_loopback(host)
     try:
-        l_reader, l_writer = await asyncio.open_connection(host, port)
-    except OSError as exc:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            l_reader, l_writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as exc:
         log.warning("tunnel: local service %s:%d unreachable: %s", host, port, exc)
-        writer.close()
+        await _close_writer(writer)
         return
-    sock = l_writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    await bridge(reader, writer, l_reader, l_writer)
+    _nodelay(l_writer)
+    await bridge(reader, writer, l_reader, l_writer, pump=pump)

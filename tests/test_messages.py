@@ -282,7 +282,9 @@ def test_is_node_id() -> None:
 
 # ---------------------------------------------------------------------- properties
 text = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20)
-hostnames = st.from_regex(r"[a-z0-9]([a-z0-9.-]{0,10}[a-z0-9])?", fullmatch=True)
+hostnames = st.from_regex(
+    r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z0-9]{1,5}){0,2}", fullmatch=True
+)
 addrs = st.builds(lambda h, p: f"{h}:{p}", hostnames, st.integers(1, 65535))
 infos = st.builds(
     NodeInfo,
