@@ -1,3 +1,3 @@
-from .cli import main
+from mesh_inference.cli.main import main
 
 main()

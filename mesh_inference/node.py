@@ -23,21 +23,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import __version__
-from .console_api import add_model_routes
-from .dcf import Frame, MessageType, ProtocolError
-from .discovery import Discovery
-from .engine.backends import EngineBackend, EngineUnavailable, find_backend
-from .engine.supervisor import (
-    EngineExited,
-    EngineReady,
-    ProcessSupervisor,
-    SupervisorEvent,
-)
-from .gateway import NoHostError, create_app, make_local_handler
-from .identity import NodeIdentity, load_or_create_identity, load_or_create_mesh
-from .jointoken import JoinToken
-from .membership import (
+from mesh_inference import __version__
+from mesh_inference.api.console import add_model_routes
+from mesh_inference.api.gateway import NoHostError, create_app, make_local_handler
+from mesh_inference.core.dcf import Frame, MessageType, ProtocolError
+from mesh_inference.core.identity import NodeIdentity
+from mesh_inference.core.jointoken import JoinToken
+from mesh_inference.core.membership import (
     Membership,
     MembershipEvent,
     MembershipTimers,
@@ -45,7 +37,7 @@ from .membership import (
     PeerDiscovered,
     PeerLeft,
 )
-from .messages import (
+from mesh_inference.core.messages import (
     Goodbye,
     Gossip,
     Heartbeat,
@@ -54,12 +46,21 @@ from .messages import (
     decode_payload,
     encode_payload,
 )
-from .models import ModelError, ResolvedModel, read_gguf_metadata, resolve_model
-from .plan import Candidate, NoEligibleHost, Plan, WaitingForCapacity, elect
-from .proxy import serve_task
-from .quic import MeshEndpoint, PeerConnection
-from .resources import MemoryOffer, detect_memory
-from .tunnel import TunnelListener, bridge_to_local
+from mesh_inference.core.plan import Candidate, NoEligibleHost, Plan, WaitingForCapacity, elect
+from mesh_inference.engine.backends import EngineBackend, EngineUnavailable, find_backend
+from mesh_inference.engine.supervisor import (
+    EngineExited,
+    EngineReady,
+    ProcessSupervisor,
+    SupervisorEvent,
+)
+from mesh_inference.machine.resources import MemoryOffer, detect_memory
+from mesh_inference.machine.state import load_or_create_identity, load_or_create_mesh
+from mesh_inference.models.refs import ModelError, ResolvedModel, read_gguf_metadata, resolve_model
+from mesh_inference.net.discovery import Discovery
+from mesh_inference.net.endpoint import MeshEndpoint, PeerConnection
+from mesh_inference.net.proxy import serve_task
+from mesh_inference.net.tunnel import TunnelListener, bridge_to_local
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesh_inference.devmesh import LocalMesh  # noqa: E402
+from mesh_inference.cli.devmesh import LocalMesh  # noqa: E402
 from mesh_inference.engine.backends import find_backend  # noqa: E402
-from mesh_inference.models import resolve_model  # noqa: E402
+from mesh_inference.models.refs import resolve_model  # noqa: E402
 from mesh_inference.node import free_tcp_port  # noqa: E402
 
 PROMPT = [

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mesh_inference.devmesh import LocalMesh  # noqa: E402
+from mesh_inference.cli.devmesh import LocalMesh  # noqa: E402
 
 
 def port_free(port: int) -> bool:

@@ -24,14 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from mesh_inference.dcf import FrameDecoder, FrameEncoder
-from mesh_inference.membership import (
+from mesh_inference.core.dcf import FrameDecoder, FrameEncoder
+from mesh_inference.core.membership import (
     Membership,
     MembershipEvent,
     MembershipTimers,
     PeerDiscovered,
 )
-from mesh_inference.messages import (
+from mesh_inference.core.messages import (
     Goodbye,
     Gossip,
     Heartbeat,

@@ -11,9 +11,9 @@ import struct
 
 import pytest
 
-from mesh_inference.auth import AuthFailed, Handshake
-from mesh_inference.dcf import Frame, MessageType
-from mesh_inference.identity import MeshCredentials, NodeIdentity, verify_signature
+from mesh_inference.core.dcf import Frame, MessageType
+from mesh_inference.core.handshake import AuthFailed, Handshake
+from mesh_inference.core.identity import MeshCredentials, NodeIdentity, verify_signature
 
 MESH = MeshCredentials.generate()
 ALICE, BOB, MALLORY = NodeIdentity.generate(), NodeIdentity.generate(), NodeIdentity.generate()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mesh_inference.cli import cli
+from mesh_inference.cli.main import cli
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from fakehub import running_hub
 
-from mesh_inference.console_api import add_model_routes
+from mesh_inference.api.console import add_model_routes
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from fakehub import running_hub
 
-from mesh_inference.devmesh import LocalMesh
+from mesh_inference.cli.devmesh import LocalMesh
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.timeout(900)]
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh_inference.dcf import (
+from mesh_inference.core.dcf import (
     HEADER,
     HEADER_SIZE,
     U32_MAX,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = r"""
 import asyncio, json, sys
 sys.path.insert(0, sys.argv[1])
-from mesh_inference.discovery import Discovery
+from mesh_inference.net.discovery import Discovery
 
 async def main():
     found = []

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mesh_inference.devmesh import LocalMesh, NodeProcess
+from mesh_inference.cli.devmesh import LocalMesh, NodeProcess
 
 openai = pytest.importorskip("openai")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh_inference.devmesh import LocalMesh
-from mesh_inference.models import resolve_model
+from mesh_inference.cli.devmesh import LocalMesh
+from mesh_inference.models.refs import resolve_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mesh_inference.dcf import Frame, FrameDecoder, MessageType
-from mesh_inference.gateway import NoHostError, create_app, make_local_handler
-from mesh_inference.messages import TaskHead
-from mesh_inference.proxy import (
+from mesh_inference.api.gateway import NoHostError, create_app, make_local_handler
+from mesh_inference.core.dcf import Frame, FrameDecoder, MessageType
+from mesh_inference.core.messages import TaskHead
+from mesh_inference.net.proxy import (
     MAX_BODY,
     ProxiedResponse,
     ProxyError,
@@ -333,7 +333,7 @@ async def test_server_rejects_a_stream_not_starting_with_task() -> None:
         def close(self) -> None: ...
 
     reader = asyncio.StreamReader()
-    from mesh_inference.dcf import encode_frame
+    from mesh_inference.core.dcf import encode_frame
 
     reader.feed_data(encode_frame(Frame(MessageType.BODY, 0, 0, b"x")))
     reader.feed_eof()

@@ -12,16 +12,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mesh_inference.identity import (
+from mesh_inference.core.identity import (
     IdentityError,
     MeshCredentials,
     NodeIdentity,
-    load_or_create_identity,
-    load_or_create_mesh,
     node_id_for,
     verify_signature,
 )
-from mesh_inference.jointoken import JoinToken
+from mesh_inference.core.jointoken import JoinToken
+from mesh_inference.machine.state import load_or_create_identity, load_or_create_mesh
 
 
 def _mode(path: Path) -> int:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh_inference.jointoken import (
+from mesh_inference.core.jointoken import (
     InvalidJoinToken,
     JoinToken,
     format_addr,

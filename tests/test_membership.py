@@ -10,7 +10,7 @@ from cluster import Cluster, make_info, node_id_for
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mesh_inference.membership import (
+from mesh_inference.core.membership import (
     MAX_PEERS,
     Membership,
     MembershipTimers,
@@ -23,7 +23,7 @@ from mesh_inference.membership import (
     PeerSuspected,
     PeerUpdated,
 )
-from mesh_inference.messages import Goodbye, Gossip, Heartbeat, MemberRecord
+from mesh_inference.core.messages import Goodbye, Gossip, Heartbeat, MemberRecord
 
 T = MembershipTimers()
 

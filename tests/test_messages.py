@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh_inference.dcf import MessageType, ProtocolError
-from mesh_inference.messages import (
+from mesh_inference.core.dcf import MessageType, ProtocolError
+from mesh_inference.core.messages import (
     MAX_ADDRS,
     MAX_HEADERS,
     MAX_RECORDS,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mesh_inference.models import (
+from mesh_inference.models.refs import (
     ModelError,
     load_catalog,
     model_fits,

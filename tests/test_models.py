@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh_inference.models import (
+from mesh_inference.models.refs import (
     CatalogEntry,
     ModelError,
     default_models_dir,

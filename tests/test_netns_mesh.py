@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh_inference.devmesh import LocalMesh
+from mesh_inference.cli.devmesh import LocalMesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -69,7 +69,7 @@ def test_mesh_across_network_namespaces(hosts: list[str], tmp_path: Path) -> Non
         a = lm.start_node("a", model="smollm2-135m", max_vram_gb=4, netns=hosts[0],
                           quic_host="0.0.0.0")
         token = lm.join_token(a)
-        from mesh_inference.jointoken import JoinToken
+        from mesh_inference.core.jointoken import JoinToken
 
         addrs = JoinToken.decode(token).addrs
         assert any(x.startswith("10.") for x in addrs), addrs  # the routable address

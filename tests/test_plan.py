@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh_inference.plan import (
+from mesh_inference.core.plan import (
     COMPUTE_RESERVE_BYTES,
     Candidate,
     NoEligibleHost,

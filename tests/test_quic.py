@@ -14,10 +14,10 @@ from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 
-from mesh_inference import quic
-from mesh_inference.dcf import Frame, FrameDecoder, MessageType, encode_frame
-from mesh_inference.identity import MeshCredentials, NodeIdentity
-from mesh_inference.quic import (
+from mesh_inference.core.dcf import Frame, FrameDecoder, MessageType, encode_frame
+from mesh_inference.core.identity import MeshCredentials, NodeIdentity
+from mesh_inference.net import endpoint as quic
+from mesh_inference.net.endpoint import (
     ALPN,
     HIGH_WATER,
     DialError,

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from mesh_inference.dcf import Frame, MessageType
-from mesh_inference.identity import MeshCredentials, NodeIdentity
-from mesh_inference.quic import MeshEndpoint, QuicStreamWriter
-from mesh_inference.tunnel import Pump, TunnelListener, bridge_to_local
+from mesh_inference.core.dcf import Frame, MessageType
+from mesh_inference.core.identity import MeshCredentials, NodeIdentity
+from mesh_inference.net.endpoint import MeshEndpoint, QuicStreamWriter
+from mesh_inference.net.tunnel import Pump, TunnelListener, bridge_to_local
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,14 +11,14 @@ child processes by the embedded backend; they are not imported here because
 they load llama.cpp's native libraries.
 """
 
-from .backends import (
+from mesh_inference.engine.backends import (
     BinaryBackend,
     EmbeddedBackend,
     EngineBackend,
     EngineUnavailable,
     find_backend,
 )
-from .supervisor import (
+from mesh_inference.engine.supervisor import (
     EngineExited,
     EngineReady,
     EngineRestartScheduled,

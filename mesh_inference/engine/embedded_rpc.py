@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backends import LOOPBACK, MAX_THREADS, find_llama_cpp_lib_dir
+from mesh_inference.engine.backends import LOOPBACK, MAX_THREADS, find_llama_cpp_lib_dir
 
 # ggml-backend.h: enum ggml_backend_dev_type
 GGML_BACKEND_DEVICE_TYPE_CPU = 0

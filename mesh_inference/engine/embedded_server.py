@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .backends import (
+from mesh_inference.engine.backends import (
     LOOPBACK,
     validate_alias,
     validate_ctx_size,
@@ -33,7 +33,7 @@ from .backends import (
     validate_tensor_split,
     validate_threads,
 )
-from .embedded_rpc import GgmlError, load_ggml
+from mesh_inference.engine.embedded_rpc import GgmlError, load_ggml
 
 
 def _floats(text: str) -> list[float]:

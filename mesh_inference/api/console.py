@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from .download import DownloadProgress, download_model
-from .gateway import openai_error
-from .models import ModelError, list_local_models, load_catalog, resolve_model
+from mesh_inference.api.gateway import openai_error
+from mesh_inference.models.download import DownloadProgress, download_model
+from mesh_inference.models.refs import ModelError, list_local_models, load_catalog, resolve_model
 
 log = logging.getLogger(__name__)
 DOWNLOADS_KEY: web.AppKey[dict[str, DownloadProgress]] = web.AppKey("downloads")

@@ -70,11 +70,19 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from cryptography.hazmat.primitives import serialization
 
-from .auth import AuthFailed, Handshake
-from .dcf import HEADER, HEADER_SIZE, Frame, FrameDecoder, FrameEncoder, MessageType, ProtocolError
-from .dcf import encode_frame as _encode_frame
-from .identity import MeshCredentials, NodeIdentity
-from .jointoken import InvalidJoinToken, format_addr, parse_addr
+from mesh_inference.core.dcf import (
+    HEADER,
+    HEADER_SIZE,
+    Frame,
+    FrameDecoder,
+    FrameEncoder,
+    MessageType,
+    ProtocolError,
+)
+from mesh_inference.core.dcf import encode_frame as _encode_frame
+from mesh_inference.core.handshake import AuthFailed, Handshake
+from mesh_inference.core.identity import MeshCredentials, NodeIdentity
+from mesh_inference.core.jointoken import InvalidJoinToken, format_addr, parse_addr
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import secrets
 import struct
 from enum import Enum
 
-from .dcf import Frame, MessageType
-from .identity import (
+from mesh_inference.core.dcf import Frame, MessageType
+from mesh_inference.core.identity import (
     MeshCredentials,
     NodeIdentity,
     load_p256_public_key,

@@ -468,7 +468,7 @@ def model_fits(
 ) -> bool:
     """Whether ``available_bytes`` of memory can run a model of ``size_bytes``."""
     if required_bytes is None:
-        from .plan import required_bytes as plan_required_bytes
+        from mesh_inference.core.plan import required_bytes as plan_required_bytes
 
         required_bytes = plan_required_bytes
     return required_bytes(size_bytes) <= available_bytes

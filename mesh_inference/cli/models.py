@@ -21,8 +21,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .download import DownloadProgress, download_model, remove_model
-from .models import (
+from mesh_inference.models.download import DownloadProgress, download_model, remove_model
+from mesh_inference.models.refs import (
     ModelError,
     default_models_dir,
     list_local_models,
@@ -51,7 +51,7 @@ def models() -> None:
 @_dir_option
 def list_cmd(models_dir: Path | None) -> None:
     """The catalog and the models on this machine."""
-    from .resources import detect_memory
+    from mesh_inference.machine.resources import detect_memory
 
     models_dir = models_dir or default_models_dir()
     try:

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from .messages import TaskHead
-from .proxy import ProxiedResponse, ProxyError, filter_headers, forward_request
+from mesh_inference.core.messages import TaskHead
+from mesh_inference.net.proxy import ProxiedResponse, ProxyError, filter_headers, forward_request
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from .messages import (
+from mesh_inference.core.messages import (
     MAX_INCARNATION,
     MAX_RECORDS,
     Goodbye,

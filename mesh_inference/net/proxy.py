@@ -16,8 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .dcf import Frame, FrameDecoder, FrameEncoder, MessageType, ProtocolError
-from .messages import ErrorMessage, ResultHead, TaskHead, decode_payload, encode_payload
+from mesh_inference.core.dcf import Frame, FrameDecoder, FrameEncoder, MessageType, ProtocolError
+from mesh_inference.core.messages import (
+    ErrorMessage,
+    ResultHead,
+    TaskHead,
+    decode_payload,
+    encode_payload,
+)
 
 log = logging.getLogger(__name__)
 

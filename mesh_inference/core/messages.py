@@ -11,7 +11,7 @@ Public API:
   message would not pass :func:`decode_payload` on the other side (a bug
   here must not look like a hostile peer over there);
 - ``decode_payload(type, payload) -> Message``: raises
-  :class:`~mesh_inference.dcf.ProtocolError` on anything that is not
+  :class:`~mesh_inference.core.dcf.ProtocolError` on anything that is not
   exactly the schema (bad UTF-8/JSON, duplicate keys, missing fields,
   wrong types, out-of-range numbers, over-long strings or lists);
 - ``message_type(msg) -> MessageType``: the frame type that carries ``msg``.
@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .dcf import DEFAULT_MAX_PAYLOAD, MessageType, ProtocolError
-from .jointoken import parse_addr
+from mesh_inference.core.dcf import DEFAULT_MAX_PAYLOAD, MessageType, ProtocolError
+from mesh_inference.core.jointoken import parse_addr
 
 __all__ = [
     "HTTP_METHODS",

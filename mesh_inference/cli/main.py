@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .cli_models import models
+from mesh_inference import __version__
+from mesh_inference.cli.models import models
 
 DEFAULT_PORT = 9337
 
@@ -148,10 +148,10 @@ def cli(ctx: click.Context, /, **opts: Any) -> None:
 
 
 def _run_node(**opts: Any) -> None:
-    from .jointoken import InvalidJoinToken, JoinToken
-    from .membership import MembershipTimers
-    from .models import ModelError, default_models_dir
-    from .node import Node, NodeConfig
+    from mesh_inference.core.jointoken import InvalidJoinToken, JoinToken
+    from mesh_inference.core.membership import MembershipTimers
+    from mesh_inference.models.refs import ModelError, default_models_dir
+    from mesh_inference.node import Node, NodeConfig
 
     level = logging.WARNING - 10 * min(2, opts["verbose"])
     logging.basicConfig(
@@ -239,8 +239,8 @@ def _run_node(**opts: Any) -> None:
 
 def _fetch_model_if_needed(ref: str, models_dir: Path) -> None:
     """A catalog or hf:// model that is not here yet is downloaded first, with a progress bar."""
-    from .cli_models import download_with_progress
-    from .models import ModelError, resolve_model
+    from mesh_inference.cli.models import download_with_progress
+    from mesh_inference.models.refs import ModelError, resolve_model
 
     try:
         resolved = resolve_model(ref, models_dir)
@@ -314,7 +314,7 @@ def status(as_json: bool, url: str | None, state_dir: Path) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    from .status_view import render_status
+    from mesh_inference.cli.status_view import render_status
 
     render_status(data)
 

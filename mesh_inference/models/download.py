@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from .models import (
+from mesh_inference.models.refs import (
     ModelError,
     ResolvedModel,
     local_file_for,
@@ -101,12 +101,12 @@ def _default_token() -> str | None:
 def _metadata(repo: str, file: str, revision: str, token: str | None) -> _Remote:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
     endpoint = _endpoint()
     what = f"{repo}/{file}"
