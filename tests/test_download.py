@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from fakehub import COMMIT, FakeHub, running_hub
 
 from mesh_inference.cli.models import models as models_cli
-from mesh_inference.models.download import DownloadProgress, download_model, remove_model
 from mesh_inference.models import download
+from mesh_inference.models.download import DownloadProgress, download_model, remove_model
 from mesh_inference.models.refs import ModelError, list_local_models, resolve_model
 
 pytestmark = pytest.mark.timeout(60)
