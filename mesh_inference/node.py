@@ -1,9 +1,25 @@
-"""The node: owns one of each part and wires their events together.
+"""The composition root: builds one of each part and wires their events together.
 
-State lives in the parts (membership core, QUIC endpoint, supervisors,
-tunnels); the node only derives the plan from membership and acts on
-changes. Everything runs on one asyncio loop; the sans-I/O cores are fed
-``loop.time()``.
+::
+
+    node = Node(NodeConfig(state_dir=..., model_ref=..., join=...), io=NodeIO(...))
+    await node.start(); node.status(); await node.stop()
+
+The parts and what they own:
+
+- ``core.membership.Membership`` -- who is alive (fed frames and ``now``);
+- ``core.meshmodel`` -- which model, which plan (pure functions of members);
+- ``models.local.LocalModel`` -- this node's file of the mesh model;
+- ``net.endpoint.MeshEndpoint`` -- authenticated QUIC connections and streams;
+- ``net.dialer.Dialer`` -- bootstrap, gossip and mDNS dials with back-off;
+- ``engine.worker.WorkerService`` -- the local rpc-server; tunnels only from the host;
+- ``engine.host.HostController`` -- tunnels + llama-server when this node hosts;
+- ``api`` -- the HTTP gateway, status document and event bus.
+
+The node holds no state of its own beyond references to them and the
+current plan. Everything it touches in the outside world comes from
+:class:`NodeIO` (engine backend, memory, mDNS), so tests build several nodes
+in one event loop with a small stand-in engine process.
 """
 
 from __future__ import annotations
@@ -14,20 +30,20 @@ import json
 import logging
 import os
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from mesh_inference import __version__
 from mesh_inference.api.console import add_model_routes
+from mesh_inference.api.events import EventBus
 from mesh_inference.api.gateway import NoHostError, create_app, make_local_handler
+from mesh_inference.api.status import StatusInputs, build_status
 from mesh_inference.core.dcf import Frame, MessageType, ProtocolError
-from mesh_inference.core.identity import NodeIdentity
 from mesh_inference.core.jointoken import JoinToken
 from mesh_inference.core.membership import (
     Membership,
@@ -37,6 +53,7 @@ from mesh_inference.core.membership import (
     PeerDiscovered,
     PeerLeft,
 )
+from mesh_inference.core.meshmodel import PlanResult, choose_model, host_of, plan_for
 from mesh_inference.core.messages import (
     Goodbye,
     Gossip,
@@ -46,25 +63,28 @@ from mesh_inference.core.messages import (
     decode_payload,
     encode_payload,
 )
-from mesh_inference.core.plan import Candidate, NoEligibleHost, Plan, WaitingForCapacity, elect
+from mesh_inference.core.plan import Plan, WaitingForCapacity
 from mesh_inference.engine.backends import EngineBackend, EngineUnavailable, find_backend
-from mesh_inference.engine.supervisor import (
-    EngineExited,
-    EngineReady,
-    ProcessSupervisor,
-    SupervisorEvent,
-)
+from mesh_inference.engine.host import HostController
+from mesh_inference.engine.worker import WorkerService
 from mesh_inference.machine.resources import MemoryOffer, detect_memory
-from mesh_inference.machine.state import load_or_create_identity, load_or_create_mesh
-from mesh_inference.models.refs import ModelError, ResolvedModel, read_gguf_metadata, resolve_model
+from mesh_inference.machine.state import (
+    load_or_create_identity,
+    load_or_create_mesh,
+    write_private_file,
+)
+from mesh_inference.models.local import LocalModel
+from mesh_inference.models.refs import ModelError, read_gguf_metadata, resolve_model
+from mesh_inference.net.addresses import local_addresses
+from mesh_inference.net.dialer import Dialer
 from mesh_inference.net.discovery import Discovery
 from mesh_inference.net.endpoint import MeshEndpoint, PeerConnection
 from mesh_inference.net.proxy import serve_task
-from mesh_inference.net.tunnel import TunnelListener, bridge_to_local
 
 log = logging.getLogger(__name__)
 
-PlanResult = Plan | WaitingForCapacity | NoEligibleHost
+_CONTROL_TYPES = {Heartbeat: MessageType.HEARTBEAT, Gossip: MessageType.GOSSIP,
+                  Goodbye: MessageType.GOODBYE}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -91,82 +111,58 @@ class NodeConfig:
     console_dir: Path | None = None
 
 
-def free_tcp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+class DiscoveryLike(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
 
 
-def local_addresses() -> list[str]:
-    """IPv4 addresses a peer might reach us on, most useful first."""
-    import psutil
+@dataclass(frozen=True)
+class NodeIO:
+    """What the node takes from the machine; tests pass stand-ins."""
 
-    addrs: list[str] = []
-    for _name, snics in psutil.net_if_addrs().items():
-        for snic in snics:
-            if snic.family == socket.AF_INET and not snic.address.startswith("127."):
-                addrs.append(snic.address)
-    return addrs or ["127.0.0.1"]
-
-
-def role_in(plan: PlanResult | None, node_id: str, client: bool) -> str:
-    if client:
-        return "client"
-    if isinstance(plan, Plan):
-        if plan.host_id == node_id:
-            return "host"
-        if node_id in plan.workers:
-            return "worker"
-    elif isinstance(plan, WaitingForCapacity) and plan.host_id == node_id:
-        return "host"
-    return "standby"
+    backend: Callable[[NodeConfig], EngineBackend] = lambda c: find_backend(c.backend, c.llama_bin)
+    memory: Callable[[NodeConfig], MemoryOffer] = lambda c: detect_memory(c.max_vram_gb, c.client)
+    discovery: Callable[..., DiscoveryLike] = Discovery
 
 
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, io: NodeIO | None = None) -> None:
         self.config = config
-        self.identity: NodeIdentity | None = None
+        self.io = io or NodeIO()
+        self.node_id = ""
+        self.http_port = 0
+        self.quic_port = 0
+        self.join_token: JoinToken | None = None
+        self.events = EventBus(self.status)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._membership: Membership | None = None
         self._endpoint: MeshEndpoint | None = None
-        self._discovery: Discovery | None = None
+        self._dialer: Dialer | None = None
+        self._discovery: DiscoveryLike | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._backend: EngineBackend | None = None
         self._backend_error: str | None = None
-        self._rpc: ProcessSupervisor | None = None
-        self._engine: ProcessSupervisor | None = None
-        self._tunnels: dict[str, TunnelListener] = {}
+        self._worker: WorkerService | None = None
+        self._host: HostController | None = None
+        self._model = LocalModel(config.models_dir, self._local_changed)
+        self._memory = MemoryOffer(0, "none", "")
         self._plan: PlanResult | None = None
-        self._engine_state = "stopped"
-        self._engine_detail = ""
-        self._model: ResolvedModel | None = None
-        self._model_layers: int | None = None
-        self._mesh_model: str | None = None
-        self._model_epoch = 0
-        self._planned_model: str | None = None
-        self._memory: MemoryOffer | None = None
-        self._rpc_port = 0
-        self._engine_port = 0
-        self.http_port = 0
-        self.quic_port = 0
-        self.join_token: JoinToken | None = None
+        self._planned: tuple[PlanResult | None, str | None, Path | None] | None = None
         self._wakeup = asyncio.Event()
-        self._apply_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._dialing: set[str] = set()
-        self._subscribers: set[asyncio.Queue[tuple[str, dict[str, Any]]]] = set()
+        self._timer_task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._stopping = False
         self._closed = asyncio.Event()
 
-    # ------------------------------------------------------------------ start/stop
+    # ------------------------------------------------------------------ wiring
     async def start(self) -> None:
         cfg = self.config
         self._loop = asyncio.get_running_loop()
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.identity = load_or_create_identity(cfg.state_dir)
+        identity = load_or_create_identity(cfg.state_dir)
+        self.node_id = identity.node_id
         mesh = load_or_create_mesh(cfg.state_dir, cfg.join)
-        self._memory = detect_memory(cfg.max_vram_gb, cfg.client)
+        self._memory = self.io.memory(cfg)
         if cfg.model_ref is not None:
             resolved = resolve_model(cfg.model_ref, cfg.models_dir)
             if resolved.path is None:
@@ -176,16 +172,16 @@ class Node:
                 )
             # Fail fast on a corrupt file for the model the user asked for.
             await asyncio.to_thread(read_gguf_metadata, resolved.path)
-            self._adopt_model(0, cfg.model_ref, resolved)
+            self._model.adopt(0, cfg.model_ref, resolved)
         if not cfg.client:
             try:
-                self._backend = find_backend(cfg.backend, cfg.llama_bin)
+                self._backend = self.io.backend(cfg)
             except EngineUnavailable as exc:
                 self._backend_error = str(exc)
                 log.error("no inference engine: %s", exc)
 
         self._endpoint = MeshEndpoint(
-            self.identity,
+            identity,
             mesh,
             host=cfg.quic_host,
             port=cfg.quic_port,
@@ -200,12 +196,14 @@ class Node:
         self.join_token = JoinToken(
             mesh.mesh_id, mesh.secret, tuple(f"{h}:{self.quic_port}" for h in advertise)
         )
-        token_path = cfg.state_dir / "join-token"
-        token_path.write_text(self.join_token.encode() + "\n")
-        token_path.chmod(0o600)
-
-        now = self._loop.time()
-        self._membership = Membership(self._local_info(), now, cfg.timers)
+        write_private_file(cfg.state_dir / "join-token", (self.join_token.encode() + "\n").encode())
+        self._membership = Membership(self._local_info(), self._loop.time(), cfg.timers)
+        self._dialer = Dialer(
+            dial=self._endpoint.dial,
+            connected=self._endpoint.peers,
+            status_of=self._membership.status_of,
+            own_addrs=lambda: {f"{h}:{self.quic_port}" for h in self._advertise_hosts()},
+        )
 
         self._session = aiohttp.ClientSession()
         app = create_app(self, console_dir=cfg.console_dir)
@@ -214,70 +212,76 @@ class Node:
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.http_host, cfg.http_port)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.http_port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
-        self._refresh_local()  # peers learn our HTTP port
+        self.http_port = _bound_port(self._runner)
+        self._local_changed()  # peers learn our HTTP port
 
-        if not cfg.client and self._backend is not None:
-            await self._start_rpc_server()
+        threads = cfg.threads or max(1, os.cpu_count() or 2)
+        if self._backend is not None:
+            self._worker = WorkerService(
+                self._backend, state_dir=cfg.state_dir, threads=threads,
+                on_change=self._local_changed,
+            )  # fmt: skip
+            self._host = HostController(
+                self._backend,
+                state_dir=cfg.state_dir,
+                open_tunnel=self._open_tunnel,
+                local_rpc_port=lambda: self._worker.port if self._worker else 0,
+                ctx_size=cfg.ctx_size,
+                threads=threads,
+                on_state=lambda _s, _d: self._local_changed(),
+            )
+            await self._worker.start()
 
-        self._spawn(self._timer_loop(), "membership timers")
-        self._spawn(self._status_ticker(), "status ticker")
+        self._timer_task = asyncio.ensure_future(self._timer_loop())
+        self._ticker = asyncio.ensure_future(self._status_ticker())
         if cfg.join is not None:
-            for addr in cfg.join.addrs:
-                self._spawn(self._dial_loop(addr, bootstrap=True), f"dial {addr}")
+            self._dialer.bootstrap(cfg.join.addrs)
         if cfg.mdns:
-            try:
-                self._discovery = Discovery(
-                    node_id=self.node_id,
-                    mesh_id=mesh.mesh_id,
-                    quic_port=self.quic_port,
-                    addresses=[a for a in advertise if a != "127.0.0.1"] or ["127.0.0.1"],
-                    on_found=self._on_mdns_found,
-                )
-                await self._discovery.start()
-            except Exception as exc:  # mDNS is a convenience: never fatal
-                log.warning("mDNS discovery unavailable: %s", exc)
-                self._discovery = None
-        self._write_node_file()
+            await self._start_discovery(mesh.mesh_id, advertise)
+        node_file = {"node_id": self.node_id, "pid": os.getpid(), "http_url": self.http_url,
+                     "quic_port": self.quic_port}  # fmt: skip
+        (cfg.state_dir / "node.json").write_text(json.dumps(node_file) + "\n")
         self._replan()
+
+    async def _start_discovery(self, mesh_id: str, advertise: list[str]) -> None:
+        assert self._dialer is not None
+        try:
+            self._discovery = self.io.discovery(
+                node_id=self.node_id,
+                mesh_id=mesh_id,
+                quic_port=self.quic_port,
+                addresses=[a for a in advertise if a != "127.0.0.1"] or ["127.0.0.1"],
+                on_found=self._dialer.mdns_found,
+            )
+            await self._discovery.start()
+        except Exception as exc:  # mDNS is a convenience: never fatal
+            log.warning("mDNS discovery unavailable: %s", exc)
+            self._discovery = None
 
     def _advertise_hosts(self) -> list[str]:
         host = self.config.quic_host
-        if host in ("0.0.0.0", ""):
-            return [*local_addresses(), "127.0.0.1"]
-        return [host]
-
-    def _write_node_file(self) -> None:
-        info = {
-            "node_id": self.node_id,
-            "pid": os.getpid(),
-            "http_url": self.http_url,
-            "quic_port": self.quic_port,
-        }
-        (self.config.state_dir / "node.json").write_text(json.dumps(info) + "\n")
+        return [*local_addresses(), "127.0.0.1"] if host in ("0.0.0.0", "") else [host]
 
     async def stop(self) -> None:
         if self._stopping:
             return
         self._stopping = True
-        if self._membership is not None and self._endpoint is not None and self._loop:
+        if self._membership is not None and self._loop is not None:
             self._membership.leave(self._loop.time())
             self._flush_outgoing()
             await asyncio.sleep(0.05)  # let the Goodbyes leave before the connections close
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._engine is not None:
-            await self._engine.stop()
-        if self._rpc is not None:
-            await self._rpc.stop()
-        for tunnel in self._tunnels.values():
-            await tunnel.close()
-        self._tunnels.clear()
+        for task in (self._timer_task, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._dialer is not None:
+            await self._dialer.close()
+        if self._host is not None:
+            await self._host.stop()
+        if self._worker is not None:
+            await self._worker.stop()
+        await self._model.close()
         if self._discovery is not None:
             with contextlib.suppress(Exception):
                 await self._discovery.close()
@@ -292,67 +296,13 @@ class Node:
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    def _spawn(self, coro: Awaitable[Any], what: str) -> None:
-        async def guarded() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s failed", what)
-
-        task = asyncio.ensure_future(guarded())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # ------------------------------------------------------------------ identity
-    @property
-    def node_id(self) -> str:
-        assert self.identity is not None
-        return self.identity.node_id
-
     @property
     def http_url(self) -> str:
         host = self.config.http_host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        return f"http://{host}:{self.http_port}"
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.http_port}"
 
-    def _adopt_model(self, epoch: int, ref: str, resolved: ResolvedModel | None = None) -> None:
-        """Make ``ref`` this node's idea of the mesh model; find its file here if we have it.
-
-        Only cheap checks run here (on the event loop); the GGUF metadata is
-        read in a thread, because parsing a large header can take seconds and
-        a blocked loop misses heartbeats.
-        """
-        self._model_epoch, self._mesh_model = epoch, ref
-        self._model, self._model_layers = None, None
-        try:
-            resolved = resolved or resolve_model(ref, self.config.models_dir)
-        except ModelError as exc:
-            log.info("mesh model %s is not usable here: %s", ref, exc)
-            return
-        if resolved.path is not None:
-            self._model = resolved
-            self._spawn(self._read_layers(resolved), "read model metadata")
-
-    async def _read_layers(self, resolved: ResolvedModel) -> None:
-        assert resolved.path is not None
-        try:
-            meta = await asyncio.to_thread(read_gguf_metadata, resolved.path)
-        except ModelError as exc:
-            log.warning("model %s is unusable: %s", resolved.ref, exc)
-            if self._model is resolved:
-                self._model = None
-                self._refresh_local()
-                self._replan()
-            return
-        if self._model is resolved:
-            self._model_layers = meta.layers
-            self._publish_status()
-
+    # ------------------------------------------------------------------ local info
     def _local_info(self) -> NodeInfo:
-        assert self._memory is not None
         return NodeInfo(
             node_id=self.node_id,
             name=self.config.name[:64],
@@ -360,71 +310,45 @@ class Node:
             memory_bytes=self._memory.bytes if self._backend is not None else 0,
             addrs=self.join_token.addrs if self.join_token else (),
             http_port=self.http_port,
-            model=self._mesh_model,
-            has_model=self._model is not None,
+            model=self._model.ref,
+            has_model=self._model.resolved is not None,
             version=__version__,
-            model_bytes=(self._model.size_bytes or 0) if self._model else 0,
-            model_epoch=self._model_epoch,
-            rpc_ready=self._rpc is not None and self._rpc.state == "ready",
-            engine_state=self._engine_state,
+            model_bytes=self._model.size_bytes,
+            model_epoch=self._model.epoch,
+            rpc_ready=self._worker is not None and self._worker.ready,
+            engine_state=self._host.state if self._host else "stopped",
         )
 
-    def _refresh_local(self) -> None:
-        if self._membership is None or self._loop is None:
+    def _local_changed(self) -> None:
+        """Something this node announces may have changed: gossip it, re-plan, tell listeners."""
+        if self._membership is None or self._loop is None or self._stopping:
             return
         info = self._local_info()
         if info != self._membership.local:
             self._membership.update_local(info, self._loop.time())
-            self._wakeup.set()
+            self._pump()
+        else:
+            self._replan()
 
-    # ------------------------------------------------------------------ rpc-server
-    async def _start_rpc_server(self) -> None:
-        assert self._backend is not None
-        self._rpc_port = free_tcp_port()
-        cache_dir = self.config.state_dir / "rpc-cache"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        self._rpc = ProcessSupervisor(
-            "rpc-server",
-            log_path=self.config.state_dir / "rpc-server.log",
-            health_url=None,
-            health_tcp=("127.0.0.1", self._rpc_port),
-            on_event=self._on_supervisor_event,
-        )
-        argv = self._backend.rpc_server_command(
-            port=self._rpc_port, threads=self._threads(), cache_dir=cache_dir
-        )
-        await self._rpc.start(argv, self._backend.env(cache_dir))
-
-    def _threads(self) -> int:
-        if self.config.threads:
-            return self.config.threads
-        return max(1, (os.cpu_count() or 2))
-
-    # ------------------------------------------------------------------ QUIC callbacks
-    def _now(self) -> float:
-        assert self._loop is not None
-        return self._loop.time()
-
+    # ------------------------------------------------------------------ membership
     def _on_peer_connected(self, conn: PeerConnection) -> None:
         log.info("peer %s connected from %s", conn.peer_id, conn.remote_address)
-        assert self._membership is not None
-        self._membership.handle_connected(conn.peer_id, self._now())
-        self._pump_membership()
+        if self._membership is not None and self._loop is not None:
+            self._membership.handle_connected(conn.peer_id, self._loop.time())
+            self._pump()
 
     def _on_peer_lost(self, peer_id: str, reason: str) -> None:
         log.info("peer %s lost: %s", peer_id, reason)
-        if self._membership is None or self._stopping:
-            return
-        self._membership.handle_disconnected(peer_id, self._now(), reason)
-        self._pump_membership()
+        if self._membership is not None and self._loop is not None and not self._stopping:
+            self._membership.handle_disconnected(peer_id, self._loop.time(), reason)
+            self._pump()
 
     def _on_control_frame(self, peer_id: str, frame: Frame) -> None:
-        assert self._membership is not None and self._endpoint is not None
-        now = self._now()
+        assert self._membership is not None and self._endpoint is not None and self._loop
+        now = self._loop.time()
         try:
             msg = decode_payload(frame.type, frame.payload)
         except ProtocolError as exc:
-            log.warning("dropping peer %s: %s", peer_id, exc)
             self._endpoint.disconnect(peer_id, f"protocol error: {exc}")
             return
         if isinstance(msg, Heartbeat):
@@ -434,305 +358,127 @@ class Node:
         elif isinstance(msg, Goodbye):
             self._membership.handle_goodbye(peer_id, now)
         else:
-            log.warning("dropping peer %s: unexpected %s on control stream", peer_id, frame.type)
-            self._endpoint.disconnect(peer_id, f"unexpected {frame.type.name}")
+            self._endpoint.disconnect(peer_id, f"unexpected {frame.type.name} on control stream")
             return
-        self._pump_membership()
+        self._pump()
 
-    async def _on_stream(
-        self, peer_id: str, first: Frame, reader: asyncio.StreamReader, writer: Any
-    ) -> None:
-        if first.type == MessageType.OPEN_TUNNEL:
-            msg = decode_payload(first.type, first.payload)
-            assert isinstance(msg, OpenTunnel)
-            if msg.service != "rpc" or self._rpc is None or self._rpc.state != "ready":
-                writer.close()
-                return
-            await bridge_to_local(reader, writer, "127.0.0.1", self._rpc_port)
-        elif first.type == MessageType.TASK:
-            assert self._session is not None
-            handler = make_local_handler(self.http_url, self._session)
-            await serve_task(reader, writer, handler, first=first)
-        else:
-            writer.close()
-
-    # ------------------------------------------------------------------ membership
-    def _pump_membership(self) -> None:
+    def _pump(self) -> None:
+        """Act on what membership decided, send what it wants sent, then re-plan once."""
         assert self._membership is not None
-        changed = False
         while (event := self._membership.next_event()) is not None:
-            changed = True
             self._on_membership_event(event)
         self._flush_outgoing()
-        if changed:
-            self._replan()
+        self._replan()
         self._wakeup.set()
 
     def _flush_outgoing(self) -> None:
         assert self._membership is not None and self._endpoint is not None
         for out in self._membership.pop_outgoing():
-            payload = encode_payload(out.message)
-            mtype = {
-                Heartbeat: MessageType.HEARTBEAT,
-                Gossip: MessageType.GOSSIP,
-                Goodbye: MessageType.GOODBYE,
-            }[type(out.message)]
             # KeyError: the connection went away between the timer and the send.
-            with contextlib.suppress(KeyError):
-                self._endpoint.send_control(out.peer_id, mtype, payload)
+            with contextlib.suppress(KeyError, ConnectionError):
+                self._endpoint.send_control(
+                    out.peer_id, _CONTROL_TYPES[type(out.message)], encode_payload(out.message)
+                )
 
     def _on_membership_event(self, event: MembershipEvent) -> None:
         log.info("membership: %s", event)
+        assert self._dialer is not None and self._endpoint is not None
         if isinstance(event, PeerDiscovered):
-            if event.info.node_id != self.node_id:
-                # The smaller id dials; the other waits a little, so both rarely dial at once.
-                delay = 0.0 if self.node_id < event.info.node_id else 3.0
-                for addr in event.info.addrs:
-                    self._spawn(
-                        self._dial_loop(
-                            addr, bootstrap=False, peer_id=event.info.node_id, delay=delay
-                        ),
-                        f"dial {addr}",
-                    )
+            # The smaller id dials; the other waits a little, so both rarely dial at once.
+            delay = 0.0 if self.node_id < event.info.node_id else 3.0
+            self._dialer.peer_discovered(event.info.node_id, event.info.addrs, delay=delay)
         elif isinstance(event, PeerDied | PeerLeft):
-            pid = event.node_id
-            if self._endpoint is not None:
-                self._endpoint.disconnect(
-                    pid, "declared dead" if isinstance(event, PeerDied) else "left"
+            dead = isinstance(event, PeerDied)
+            self._endpoint.disconnect(event.node_id, "declared dead" if dead else "left")
+            if self._host is not None:
+                self._host.drop_worker(event.node_id)
+            if dead and self._membership is not None:
+                rec = next(
+                    (r for r in self._membership.records() if r.info.node_id == event.node_id),
+                    None,
                 )
-            if isinstance(event, PeerDied) and self._membership is not None:
-                # It may only have been slow: keep knocking for a while.
-                rec = next((r for r in self._membership.records() if r.info.node_id == pid), None)
-                for addr in rec.info.addrs if rec else ():
-                    self._spawn(
-                        self._dial_loop(
-                            addr, bootstrap=False, peer_id=pid, delay=0.5, give_up_after=600.0
-                        ),
-                        f"redial {addr}",
-                    )
-            tunnel = self._tunnels.pop(pid, None)
-            if tunnel is not None:
-                self._spawn(tunnel.close(), f"close tunnel {pid}")
-        self._publish_status()
+                self._dialer.peer_died(event.node_id, rec.info.addrs if rec else ())
 
     async def _timer_loop(self) -> None:
         assert self._membership is not None and self._loop is not None
         while True:
             deadline = self._membership.get_timer()
-            now = self._loop.time()
-            timeout = 0.5 if deadline is None else max(0.0, deadline - now)
+            timeout = 0.5 if deadline is None else max(0.0, deadline - self._loop.time())
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
-            now = self._loop.time()
             deadline = self._membership.get_timer()
-            if deadline is not None and deadline <= now:
-                self._membership.handle_timer(now)
-                self._pump_membership()
+            if deadline is not None and deadline <= self._loop.time():
+                self._membership.handle_timer(self._loop.time())
+                self._pump()
 
-    async def _dial_loop(
-        self,
-        addr: str,
-        *,
-        bootstrap: bool,
-        peer_id: str | None = None,
-        delay: float = 0.0,
-        give_up_after: float = 60.0,
-    ) -> None:
-        """Dial ``addr`` until connected, with back-off.
-
-        A bootstrap (join token) address is dialed again whenever this node
-        finds itself alone; a known peer is dialed until it answers, leaves,
-        or ``give_up_after`` seconds pass.
-        """
-        assert self._endpoint is not None and self._loop is not None
-        key = f"{addr}/{peer_id}"
-        if key in self._dialing:
-            return
-        self._dialing.add(key)
-        deadline = self._loop.time() + give_up_after
-        try:
-            if delay:
-                await asyncio.sleep(delay)
-            delay = 0.2
-            own = {f"{h}:{self.quic_port}" for h in self._advertise_hosts()}
-            while not self._stopping and addr not in own:
-                if peer_id is not None:
-                    if peer_id in self._endpoint.peers():
-                        return
-                    if (
-                        self._membership is not None
-                        and self._membership.status_of(peer_id) == "left"
-                    ):
-                        return
-                    if self._loop.time() > deadline:
-                        return
-                elif self._endpoint.peers():
-                    # A bootstrap address is only needed while we are alone (another of
-                    # the token's addresses may have worked).
-                    await asyncio.sleep(1.0)
-                    delay = 0.2
-                    continue
-                try:
-                    got = await self._endpoint.dial(addr)
-                except Exception as exc:
-                    log.debug("dial %s failed: %s", addr, exc)
-                else:
-                    log.info("dialed %s: node %s", addr, got)
-                    if not bootstrap:
-                        return
-                    while not self._stopping and self._endpoint.peers():  # noqa: ASYNC110
-                        await asyncio.sleep(1.0)
-                    delay = 0.2
-                    continue
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        finally:
-            self._dialing.discard(key)
-
-    def _on_mdns_found(self, peer_id: str, addrs: list[str]) -> None:
-        if self._endpoint is None or peer_id in self._endpoint.peers():
-            return
-        for addr in addrs:
-            self._spawn(self._dial_loop(addr, bootstrap=False, peer_id=peer_id), f"dial {addr}")
-
-    # ------------------------------------------------------------------ plan + engine
+    # ------------------------------------------------------------------ plan
     def _replan(self) -> None:
         if self._membership is None or self._stopping:
             return
-        members = self._membership.alive_members()
-        best = max(((m.model_epoch, m.model) for m in members if m.model), default=None)
-        if best is not None and best != (self._model_epoch, self._mesh_model):
-            self._adopt_model(best[0], best[1])
-            self._refresh_local()
-            members = self._membership.alive_members()
-        mesh_model = self._mesh_model
-        model_bytes = max(
-            (
-                m.model_bytes
-                for m in members
-                if m.has_model and (m.model_epoch, m.model) == (self._model_epoch, mesh_model)
-            ),
-            default=0,
-        )
-        candidates = [
-            Candidate(m.node_id, m.memory_bytes, m.role == "client", m.has_model)
-            for m in members
-            if m.role == "client" or m.rpc_ready
-        ]
-        plan: PlanResult | None
-        plan = elect(candidates, model_bytes) if mesh_model is not None else None
-        if plan != self._plan or mesh_model != self._planned_model:
-            log.info("plan for %s: %s", mesh_model, plan)
-            self._plan, self._planned_model = plan, mesh_model
-            self._spawn(self._apply_plan(plan), "apply plan")
+        choice = choose_model(self._membership.alive_members())
+        here = (self._model.epoch, self._model.ref)
+        if choice is not None and (choice.epoch, choice.ref) != here:
+            self._model.adopt(choice.epoch, choice.ref)
+            self._local_changed()  # announces the adoption, then re-plans
+            return
+        plan = plan_for(self._membership.alive_members(), choice)
+        planned = (plan, self._model.ref, self._model.path)
+        if planned != self._planned:
+            log.info("plan for %s: %s", self._model.ref, plan)
+            self._plan, self._planned = plan, planned
+            if self._worker is not None:
+                self._worker.set_host(host_of(plan))
+            self._apply(plan)
         self._publish_status()
 
-    async def _apply_plan(self, plan: PlanResult | None) -> None:
-        # One application at a time; a plan superseded while queued is skipped.
-        async with self._apply_lock:
-            if plan is self._plan:
-                await self._apply_current(plan)
-
-    async def _apply_current(self, plan: PlanResult | None) -> None:
-        is_host = isinstance(plan, Plan) and plan.host_id == self.node_id
-        if not is_host or self._backend is None or self._model is None or self._model.path is None:
-            await self._stop_engine("not the host" if not is_host else "no engine")
-            if isinstance(plan, WaitingForCapacity) and plan.host_id == self.node_id:
-                self._set_engine_state("waiting", plan.reason)
+    def _apply(self, plan: PlanResult | None) -> None:
+        if self._host is None:
             return
-        assert isinstance(plan, Plan)
-        endpoints: list[str] = []
-        for worker in plan.workers:
-            tunnel = self._tunnels.get(worker)
-            if tunnel is None:
-                tunnel = TunnelListener(self._tunnel_opener(worker))
-                await tunnel.start("127.0.0.1", 0)
-                self._tunnels[worker] = tunnel
-            endpoints.append(f"127.0.0.1:{tunnel.port}")
-        for stale in set(self._tunnels) - set(plan.workers):
-            await self._tunnels.pop(stale).close()
-        endpoints.append(f"127.0.0.1:{self._rpc_port}")
-        if plan is not self._plan:
-            return
-        if not self._engine_port:
-            self._engine_port = free_tcp_port()
-        argv = self._backend.llama_server_command(
-            model=self._model.path,
-            rpc_endpoints=endpoints,
-            tensor_split=list(plan.tensor_split),
-            port=self._engine_port,
-            ctx_size=self.config.ctx_size,
-            threads=self._threads(),
-            alias=self.served_model() or "model",
-        )
-        if self._engine is None:
-            self._engine = ProcessSupervisor(
-                "llama-server",
-                log_path=self.config.state_dir / "llama-server.log",
-                health_url=f"http://127.0.0.1:{self._engine_port}{self._backend.health_path}",
-                on_event=self._on_supervisor_event,
-            )
-        self._set_engine_state("starting", f"{len(plan.workers) + 1} devices")
-        await self._engine.start(argv, self._backend.env())
+        if isinstance(plan, Plan) and plan.host_id == self.node_id and self._model.path:
+            self._host.apply(plan, self._model.path, self._model.served_name() or "model")
+        elif isinstance(plan, WaitingForCapacity) and plan.host_id == self.node_id:
+            self._host.apply(None, idle=("waiting", plan.reason))
+        else:
+            self._host.apply(None, idle=("stopped", "not the host"))
 
-    def _tunnel_opener(
-        self, worker: str
-    ) -> Callable[[], Awaitable[tuple[asyncio.StreamReader, Any]]]:
-        async def open_stream() -> tuple[asyncio.StreamReader, Any]:
-            assert self._endpoint is not None
-            return await self._endpoint.open_stream(
-                worker, MessageType.OPEN_TUNNEL, encode_payload(OpenTunnel("rpc"))
-            )
+    async def settled(self) -> None:
+        """Until scheduled engine applications and model reads have run (tests)."""
+        await self._model.settled()
+        if self._host is not None:
+            await self._host.settled()
 
-        return open_stream
+    # ------------------------------------------------------------------ streams
+    async def _open_tunnel(self, worker: str) -> tuple[asyncio.StreamReader, Any]:
+        assert self._endpoint is not None
+        payload = encode_payload(OpenTunnel("rpc"))
+        return await self._endpoint.open_stream(worker, MessageType.OPEN_TUNNEL, payload)
 
-    async def _stop_engine(self, why: str) -> None:
-        if self._engine is not None and self._engine.state != "stopped":
-            log.info("stopping engine: %s", why)
-            await self._engine.stop()
-        self._set_engine_state("stopped", why)
-
-    def _set_engine_state(self, state: str, detail: str = "") -> None:
-        if (state, detail) != (self._engine_state, self._engine_detail):
-            self._engine_state, self._engine_detail = state, detail
-            self._refresh_local()
-            self._publish_status()
-
-    def _on_supervisor_event(self, event: SupervisorEvent) -> None:
-        log.info("supervisor: %s", event)
-        if event.name == "rpc-server":
-            self._refresh_local()
-            self._replan()
-            return
-        if isinstance(event, EngineReady):
-            self._set_engine_state("ready", f"ready in {event.startup_s:.1f} s")
-        elif isinstance(event, EngineExited):
-            if not event.expected:
-                self._set_engine_state("crashed", f"exit code {event.returncode}")
-        elif self._engine is not None:
-            self._set_engine_state(self._engine.state, self._engine_detail)
+    async def _on_stream(
+        self, peer_id: str, first: Frame, reader: asyncio.StreamReader, writer: Any
+    ) -> None:
+        if first.type == MessageType.OPEN_TUNNEL and self._worker is not None:
+            msg = decode_payload(first.type, first.payload)
+            assert isinstance(msg, OpenTunnel)
+            await self._worker.serve_tunnel(peer_id, msg, reader, writer)
+        elif first.type == MessageType.TASK and self._session is not None:
+            handler = make_local_handler(self.http_url, self._session)
+            await serve_task(reader, writer, handler, first=first)
+        else:
+            writer.close()
 
     # ------------------------------------------------------------------ gateway backend
+    def host_id(self) -> str | None:
+        return host_of(self._plan)
+
     def is_host(self) -> bool:
         return self.host_id() == self.node_id
 
     def engine_url(self) -> str | None:
-        if self.is_host() and self._engine_state == "ready":
-            return f"http://127.0.0.1:{self._engine_port}"
-        return None
+        return self._host.url if self._host is not None and self.is_host() else None
 
     def served_model(self) -> str | None:
-        ref = self._mesh_model
-        if ref is None:
-            return None
-        return Path(ref).name.removesuffix(".gguf") if ref.endswith(".gguf") else ref
-
-    def host_id(self) -> str | None:
-        plan = self._plan
-        if isinstance(plan, Plan | WaitingForCapacity):
-            return plan.host_id
-        return None
+        return self._model.served_name()
 
     async def open_host_stream(self) -> tuple[asyncio.StreamReader, Any]:
         host = self.host_id()
@@ -746,133 +492,46 @@ class Node:
             raise NoHostError(f"no connection to host {host}") from None
 
     def status(self) -> dict[str, Any]:
-        assert self._membership is not None
-        now = self._now()
-        plan = self._plan
-        shares: dict[str, float] = {}
-        plan_json: dict[str, Any] = {
-            "state": "none",
-            "host_id": None,
-            "order": [],
-            "tensor_split": [],
-            "reason": "no model announced",
-        }
-        if isinstance(plan, Plan):
-            order = [*plan.workers, plan.host_id]
-            shares = dict(zip(order, plan.tensor_split, strict=True))
-            plan_json = {
-                "state": "planned",
-                "host_id": plan.host_id,
-                "order": order,
-                "tensor_split": list(plan.tensor_split),
-                "reason": None,
-            }
-        elif isinstance(plan, WaitingForCapacity):
-            plan_json = {
-                "state": "waiting",
-                "host_id": plan.host_id,
-                "order": [],
-                "tensor_split": [],
-                "reason": plan.reason,
-                "needed_bytes": plan.needed_bytes,
-                "available_bytes": plan.available_bytes,
-            }
-        elif isinstance(plan, NoEligibleHost):
-            plan_json["reason"] = plan.reason
-        host = self.host_id()
-        peers = []
-        for rec in self._membership.records():
-            info = rec.info
-            if info.node_id == self.node_id:
-                continue
-            last = self._membership.last_heard(info.node_id)
-            rtt = self._endpoint.rtt(info.node_id) if self._endpoint else None
-            peers.append(
-                {
-                    "id": info.node_id,
-                    "name": info.name,
-                    "role": role_in(plan, info.node_id, info.role == "client"),
-                    "status": rec.status,
-                    "memory_bytes": info.memory_bytes,
-                    "addrs": list(info.addrs),
-                    "last_seen_s": None if last is None else round(now - last, 3),
-                    "rtt_ms": None if rtt is None else round(rtt * 1000, 2),
-                    "share": shares.get(info.node_id),
-                    "engine_state": info.engine_state,
-                }
-            )
-        host_engine = self._engine_state
-        if host is not None and host != self.node_id:
-            rec_host = next((r for r in self._membership.records() if r.info.node_id == host), None)
-            host_engine = rec_host.info.engine_state if rec_host else "unknown"
-        me = self._membership.local
+        assert self._membership is not None and self._loop is not None
         model: dict[str, Any] = {
-            "ref": self._mesh_model,
-            "name": self.served_model(),
-            "size_bytes": None,
-            "layers": self._model_layers,
+            "ref": self._model.ref,
+            "name": self._model.served_name(),
+            "size_bytes": self._model.size_bytes or None,
+            "layers": self._model.layers,
         }
-        if self._model is not None and self._model.ref == self._mesh_model:
-            model["size_bytes"] = self._model.size_bytes
-        return {
-            "node": {
-                "id": self.node_id,
-                "name": me.name,
-                "role": role_in(plan, self.node_id, self.config.client),
-                "memory_bytes": me.memory_bytes,
-                "addrs": list(me.addrs),
-                "http_url": self.http_url,
-                "share": shares.get(self.node_id),
-                "rpc_state": self._rpc.state if self._rpc else "none",
-            },
-            "mesh_id": self.join_token.mesh_id if self.join_token else None,
-            "host_id": host,
-            "model": model,
-            "peers": peers,
-            "plan": plan_json,
-            "engine": {
-                "state": host_engine,
-                "backend": self._backend.name if self._backend else None,
-                "detail": self._engine_detail if host == self.node_id else "",
-                "error": self._backend_error,
-            },
-            "ready": host_engine == "ready",
-            "tunnels": {
-                wid: {"port": t.port, "bytes_up": t.bytes_up, "bytes_down": t.bytes_down}
-                for wid, t in self._tunnels.items()
-            },
-            "join_token": self.join_token.encode() if self.join_token else None,
-            "version": __version__,
-            "time": time.time(),
-        }
+        return build_status(
+            StatusInputs(
+                node_id=self.node_id,
+                client=self.config.client,
+                http_url=self.http_url,
+                mesh_id=self.join_token.mesh_id if self.join_token else None,
+                join_token=self.join_token.encode() if self.join_token else None,
+                membership=self._membership,
+                now=self._loop.time(),
+                plan=self._plan,
+                rtt=self._endpoint.rtt if self._endpoint else lambda _p: None,
+                rpc_state=self._worker.state if self._worker else "none",
+                engine_state=self._host.state if self._host else "stopped",
+                engine_detail=self._host.detail if self._host else "",
+                backend=self._backend.name if self._backend else None,
+                backend_error=self._backend_error,
+                model=model,
+                tunnels=self._host.tunnel_stats() if self._host else {},
+            )
+        )
 
     def subscribe(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        return self._subscription()
-
-    async def _subscription(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(maxsize=64)
-        self._subscribers.add(queue)
-        try:
-            yield "status", self.status()
-            while True:
-                yield await queue.get()
-        finally:
-            self._subscribers.discard(queue)
+        return self.events.subscribe()
 
     def publish(self, event: str, data: dict[str, Any]) -> None:
-        for queue in list(self._subscribers):
-            if queue.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()  # a slow browser loses old events, not new ones
-            queue.put_nowait((event, data))
+        self.events.publish(event, data)
 
     def _publish_status(self) -> None:
-        if self._subscribers and self._membership is not None:
-            self.publish("status", self.status())
+        if self.events.has_subscribers and self._membership is not None:
+            self.events.publish("status", self.status())
 
     async def _status_ticker(self) -> None:
-        # RTT and last-seen change continuously; refresh listeners now and then.
-        while True:
+        while True:  # RTT and last-seen change continuously
             await asyncio.sleep(2.0)
             self._publish_status()
 
@@ -881,23 +540,25 @@ class Node:
         return self.config.models_dir
 
     def current_model(self) -> str | None:
-        return self._mesh_model
+        return self._model.ref
 
     async def switch_model(self, ref: str) -> None:
         """Make the whole mesh serve ``ref``: a higher epoch wins everywhere."""
         assert self._membership is not None
         try:
             resolved = resolve_model(ref, self.config.models_dir)
-        except ModelError as exc:
-            raise ValueError(str(exc)) from None
-        if resolved.path is None:
-            raise ValueError(f"model {ref!r} is not downloaded on this node yet")
-        try:
+            if resolved.path is None:
+                raise ValueError(f"model {ref!r} is not downloaded on this node yet")
             await asyncio.to_thread(read_gguf_metadata, resolved.path)
         except ModelError as exc:
             raise ValueError(str(exc)) from None
         epoch = 1 + max(m.model_epoch for m in self._membership.alive_members())
-        self._adopt_model(epoch, ref, resolved)
-        self._refresh_local()
-        self._replan()
+        self._model.adopt(epoch, ref, resolved)
+        self._local_changed()
         self.publish("model", {"ref": ref, "epoch": epoch})
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        return int(addr[1])
+    raise OSError("the HTTP server bound no socket")

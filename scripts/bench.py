@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from mesh_inference.cli.devmesh import LocalMesh  # noqa: E402
 from mesh_inference.engine.backends import find_backend  # noqa: E402
 from mesh_inference.models.refs import resolve_model  # noqa: E402
-from mesh_inference.node import free_tcp_port  # noqa: E402
+from mesh_inference.net.addresses import free_tcp_port  # noqa: E402
 
 PROMPT = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -1,0 +1,75 @@
+"""Which model the mesh serves, who takes part, and each node's role: pure functions.
+
+Public API::
+
+    choose_model(members) -> ModelChoice | None     # the highest (epoch, ref) announced
+    plan_for(members, choice) -> PlanResult | None  # election + split for that model
+    role_in(plan, node_id, client=False) -> Role
+
+The mesh model travels in every node's ``NodeInfo`` as ``(model,
+model_epoch)``: the highest pair among the alive members wins everywhere,
+so a model switch survives the node that made it, and a node started with
+``--model`` (epoch 0) never overrides a switch (epoch ≥ 1). Only members
+whose own rpc-server is ready take part in a plan (a worker without one
+would make llama-server abort), and only nodes holding the chosen model's
+file may host it. All of this is a function of the members' records, so
+every node computes the same plan from the same view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from mesh_inference.core.messages import NodeInfo
+from mesh_inference.core.plan import Candidate, NoEligibleHost, Plan, WaitingForCapacity, elect
+
+PlanResult = Plan | WaitingForCapacity | NoEligibleHost
+Role = Literal["host", "worker", "standby", "client"]
+
+
+@dataclass(frozen=True, order=True)
+class ModelChoice:
+    epoch: int
+    ref: str
+
+
+def choose_model(members: Iterable[NodeInfo]) -> ModelChoice | None:
+    """The model the mesh serves: the highest ``(epoch, ref)`` any alive member announces."""
+    return max((ModelChoice(m.model_epoch, m.model) for m in members if m.model), default=None)
+
+
+def _holds(member: NodeInfo, choice: ModelChoice) -> bool:
+    return member.has_model and (member.model_epoch, member.model) == (choice.epoch, choice.ref)
+
+
+def plan_for(members: Iterable[NodeInfo], choice: ModelChoice | None) -> PlanResult | None:
+    """Election and tensor split for ``choice`` among ``members`` (None: no model yet)."""
+    if choice is None:
+        return None
+    members = list(members)
+    model_bytes = max((m.model_bytes for m in members if _holds(m, choice)), default=0)
+    candidates = [
+        Candidate(m.node_id, m.memory_bytes, m.role == "client", _holds(m, choice))
+        for m in members
+        if m.role == "client" or m.rpc_ready
+    ]
+    return elect(candidates, model_bytes)
+
+
+def host_of(plan: PlanResult | None) -> str | None:
+    """The node that runs (or is to run) llama-server under ``plan``."""
+    if isinstance(plan, Plan | WaitingForCapacity):
+        return plan.host_id
+    return None
+
+
+def role_in(plan: PlanResult | None, node_id: str, client: bool = False) -> Role:
+    if client:
+        return "client"
+    if host_of(plan) == node_id:
+        return "host"
+    if isinstance(plan, Plan) and node_id in plan.workers:
+        return "worker"
+    return "standby"

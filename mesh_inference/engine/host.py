@@ -1,0 +1,207 @@
+"""The host controller: tunnels to the plan's workers and llama-server over them.
+
+Public API::
+
+    host = HostController(backend, state_dir=..., open_tunnel=f(worker_id) -> (reader, writer),
+                          local_rpc_port=lambda: worker.port, ctx_size=4096, threads=4,
+                          on_state=f(state, detail))
+    host.apply(plan, model_path, alias)   # schedules; returns at once
+    await host.settled()                  # until every scheduled application ran
+    host.drop_worker(worker_id)           # a worker died: close its tunnel now
+    host.state; host.detail; host.url     # url only while llama-server is ready
+    host.tunnel_stats() -> {worker_id: {"port", "bytes_up", "bytes_down"}}
+    await host.stop()
+
+State lives here: the tunnel listeners (one 127.0.0.1 port per worker, the
+``--rpc`` endpoints llama-server dials) and the llama-server supervisor.
+Applications run one at a time, and one superseded while it waited is
+skipped, so a burst of membership changes costs one relaunch. Where the
+plan keeps a worker, its tunnel port stays the same across relaunches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from mesh_inference.core.plan import Plan
+from mesh_inference.engine.backends import EngineBackend
+from mesh_inference.engine.supervisor import (
+    EngineExited,
+    EngineReady,
+    ProcessSupervisor,
+    SupervisorEvent,
+)
+from mesh_inference.net.addresses import free_tcp_port
+from mesh_inference.net.tunnel import TunnelListener
+
+log = logging.getLogger(__name__)
+
+TunnelOpener = Callable[[str], Awaitable[tuple[asyncio.StreamReader, Any]]]
+
+
+class HostController:
+    def __init__(
+        self,
+        backend: EngineBackend,
+        *,
+        state_dir: Path,
+        open_tunnel: TunnelOpener,
+        local_rpc_port: Callable[[], int],
+        ctx_size: int,
+        threads: int,
+        on_state: Callable[[str, str], None],
+    ) -> None:
+        self._backend = backend
+        self._state_dir = state_dir
+        self._open_tunnel = open_tunnel
+        self._local_rpc_port = local_rpc_port
+        self._ctx_size = ctx_size
+        self._threads = threads
+        self._on_state = on_state
+        self._tunnels: dict[str, TunnelListener] = {}
+        self._engine: ProcessSupervisor | None = None
+        self._port = 0
+        self._lock = asyncio.Lock()
+        self._wanted: tuple[Plan, Path, str] | None = None
+        self._generation = 0
+        self._pending: set[asyncio.Task[None]] = set()
+        self._idle = ("stopped", "not the host")
+        self.state = "stopped"
+        self.detail = ""
+
+    @property
+    def url(self) -> str | None:
+        return f"http://127.0.0.1:{self._port}" if self.state == "ready" else None
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if (state, detail) != (self.state, self.detail):
+            self.state, self.detail = state, detail
+            self._on_state(state, detail)
+
+    # -- scheduling
+    def apply(
+        self,
+        plan: Plan | None,
+        model: Path | None = None,
+        alias: str = "model",
+        *,
+        idle: tuple[str, str] = ("stopped", "not the host"),
+    ) -> None:
+        """Serve ``model`` under ``plan`` (this node being its host), or stop.
+
+        Without a plan or a model the engine stops and the state becomes
+        ``idle`` (e.g. ``("waiting", "needs 3 GB more")``).
+        """
+        self._generation += 1
+        self._wanted = (plan, model, alias) if plan is not None and model is not None else None
+        self._idle = idle
+        task = asyncio.ensure_future(self._apply(self._generation))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def settled(self) -> None:
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    async def _apply(self, generation: int) -> None:
+        async with self._lock:
+            if generation != self._generation:
+                return  # superseded while queued
+            try:
+                if self._wanted is None:
+                    await self._stop_engine(*self._idle)
+                    await self._close_tunnels(keep=())
+                else:
+                    await self._launch(*self._wanted, generation=generation)
+            except Exception as exc:  # one bad launch must not stop the next one
+                log.exception("applying the plan failed")
+                self._set_state("crashed", f"launch failed: {exc}")
+
+    async def _launch(self, plan: Plan, model: Path, alias: str, *, generation: int) -> None:
+        endpoints: list[str] = []
+        for worker in plan.workers:
+            tunnel = self._tunnels.get(worker)
+            if tunnel is None:
+                tunnel = TunnelListener(self._opener(worker))
+                await tunnel.start("127.0.0.1", 0)
+                self._tunnels[worker] = tunnel
+            endpoints.append(f"127.0.0.1:{tunnel.port}")
+        await self._close_tunnels(keep=plan.workers)
+        # The host's own device comes last, so the logits never cross the network.
+        endpoints.append(f"127.0.0.1:{self._local_rpc_port()}")
+        if generation != self._generation:
+            return
+        if not self._port:
+            self._port = free_tcp_port()
+        argv = self._backend.llama_server_command(
+            model=model,
+            rpc_endpoints=endpoints,
+            tensor_split=list(plan.tensor_split),
+            port=self._port,
+            ctx_size=self._ctx_size,
+            threads=self._threads,
+            alias=alias,
+        )
+        if self._engine is None:
+            self._engine = ProcessSupervisor(
+                "llama-server",
+                log_path=self._state_dir / "llama-server.log",
+                health_url=f"http://127.0.0.1:{self._port}{self._backend.health_path}",
+                on_event=self._on_event,
+            )
+        self._set_state("starting", f"{len(plan.workers) + 1} devices")
+        await self._engine.start(argv, self._backend.env())
+
+    def _opener(self, worker: str) -> Callable[[], Awaitable[tuple[asyncio.StreamReader, Any]]]:
+        async def open_stream() -> tuple[asyncio.StreamReader, Any]:
+            return await self._open_tunnel(worker)
+
+        return open_stream
+
+    async def _close_tunnels(self, keep: tuple[str, ...]) -> None:
+        for stale in set(self._tunnels) - set(keep):
+            await self._tunnels.pop(stale).close()
+
+    def drop_worker(self, worker: str) -> None:
+        """A worker is gone: its tunnel's connections can only fail now."""
+        tunnel = self._tunnels.pop(worker, None)
+        if tunnel is not None:
+            task = asyncio.ensure_future(tunnel.close())
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _stop_engine(self, state: str, why: str) -> None:
+        if self._engine is not None and self._engine.state != "stopped":
+            log.info("stopping llama-server: %s", why)
+            await self._engine.stop()
+        self._set_state(state, why)
+
+    def _on_event(self, event: SupervisorEvent) -> None:
+        log.info("host: %s", event)
+        if isinstance(event, EngineReady):
+            self._set_state("ready", f"ready in {event.startup_s:.1f} s")
+        elif isinstance(event, EngineExited):
+            if not event.expected:
+                self._set_state("crashed", f"exit code {event.returncode}")
+        elif self._engine is not None:
+            self._set_state(self._engine.state, self.detail)
+
+    def tunnel_stats(self) -> dict[str, dict[str, int]]:
+        return {
+            wid: {"port": t.port, "bytes_up": t.bytes_up, "bytes_down": t.bytes_down}
+            for wid, t in self._tunnels.items()
+        }
+
+    async def stop(self) -> None:
+        self._generation += 1
+        self._wanted = None
+        for task in list(self._pending):
+            task.cancel()
+        await asyncio.gather(*list(self._pending), return_exceptions=True)
+        if self._engine is not None:
+            await self._engine.stop()
+        await self._close_tunnels(keep=())

@@ -1,0 +1,88 @@
+"""This node's copy of the mesh model: which ref and epoch it follows, and the file here.
+
+Public API::
+
+    lm = LocalModel(models_dir, on_change=f)
+    lm.adopt(epoch, ref, resolved=None)   # follow ``ref``; finds its file here if present
+    lm.epoch; lm.ref; lm.resolved; lm.layers; lm.path; lm.size_bytes
+    lm.served_name()                      # the name the API shows ("smollm2-135m", "model")
+    await lm.settled()                    # until the metadata reads scheduled so far ended
+
+Only cheap checks run on the event loop; the GGUF header is read in a
+thread, because parsing a large one can take seconds and a blocked loop
+misses heartbeats. A file that turns out unusable is dropped (``on_change``
+fires) so the node stops announcing that it holds the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from mesh_inference.models.refs import ModelError, ResolvedModel, read_gguf_metadata, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+class LocalModel:
+    def __init__(self, models_dir: Path, on_change: Callable[[], None]) -> None:
+        self._models_dir = models_dir
+        self._on_change = on_change
+        self.epoch = 0
+        self.ref: str | None = None
+        self.resolved: ResolvedModel | None = None
+        self.layers: int | None = None
+        self._reads: set[asyncio.Task[None]] = set()
+
+    @property
+    def path(self) -> Path | None:
+        return self.resolved.path if self.resolved is not None else None
+
+    @property
+    def size_bytes(self) -> int:
+        return (self.resolved.size_bytes or 0) if self.resolved is not None else 0
+
+    def served_name(self) -> str | None:
+        ref = self.ref
+        if ref is None:
+            return None
+        return Path(ref).name.removesuffix(".gguf") if ref.endswith(".gguf") else ref
+
+    def adopt(self, epoch: int, ref: str, resolved: ResolvedModel | None = None) -> None:
+        self.epoch, self.ref = epoch, ref
+        self.resolved, self.layers = None, None
+        try:
+            resolved = resolved or resolve_model(ref, self._models_dir)
+        except ModelError as exc:
+            log.info("mesh model %s is not usable here: %s", ref, exc)
+            return
+        if resolved.path is not None:
+            self.resolved = resolved
+            task = asyncio.ensure_future(self._read_layers(resolved))
+            self._reads.add(task)
+            task.add_done_callback(self._reads.discard)
+
+    async def _read_layers(self, resolved: ResolvedModel) -> None:
+        assert resolved.path is not None
+        try:
+            meta = await asyncio.to_thread(read_gguf_metadata, resolved.path)
+        except ModelError as exc:
+            log.warning("model %s is unusable: %s", resolved.ref, exc)
+            if self.resolved is resolved:
+                self.resolved = None
+                self._on_change()
+            return
+        if self.resolved is resolved:
+            self.layers = meta.layers
+            self._on_change()
+
+    async def settled(self) -> None:
+        while self._reads:
+            await asyncio.gather(*list(self._reads), return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._reads):
+            task.cancel()
+        await asyncio.gather(*list(self._reads), return_exceptions=True)

@@ -1,0 +1,94 @@
+"""A stand-in for llama.cpp, as real processes: an echo "rpc-server" and an HTTP "llama-server".
+
+``python standin_engine.py rpc --port P`` listens on 127.0.0.1:P and echoes
+every byte back. ``python standin_engine.py server --port P --rpc a:1,b:2
+--split 0.2,0.8 --alias m`` first sends a greeting through every --rpc
+endpoint and exits 1 unless each echoes it (as llama-server aborts when an
+rpc-server is unreachable), then answers ``GET /health`` and ``POST
+/v1/chat/completions`` with its own command line in the reply. Standard
+library only, so it starts in a few tens of milliseconds; the in-process
+node tests (test_node_inprocess.py) run it as their engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+GREETING = b"hello rpc\n"
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _greet(endpoint: str) -> None:
+    host, port = endpoint.rsplit(":", 1)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+    writer.write(GREETING)
+    got = await asyncio.wait_for(reader.readexactly(len(GREETING)), 5)
+    if got != GREETING:
+        raise ConnectionError(f"{endpoint} answered {got!r}")
+    writer.close()
+
+
+async def _serve_http(args: argparse.Namespace) -> None:
+    info = {"rpc": args.rpc.split(","), "split": [float(s) for s in args.split.split(",")],
+            "alias": args.alias, "model": args.model}  # fmt: skip
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line = head.split(b"\r\n", 1)[0].decode()
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        if length:
+            await reader.readexactly(length)
+        if request_line.startswith("GET /health"):
+            body = b'{"status":"ok"}'
+        else:
+            body = json.dumps({"object": "chat.completion", "model": args.alias, "choices": [
+                {"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": json.dumps(info)}}]}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", args.port)
+    async with server:
+        await server.serve_forever()
+
+
+async def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("kind", choices=["rpc", "server"])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--rpc", default="")
+    p.add_argument("--split", default="")
+    p.add_argument("--alias", default="model")
+    p.add_argument("--model", default="")
+    args = p.parse_args(argv)
+    if args.kind == "rpc":
+        server = await asyncio.start_server(_echo, "127.0.0.1", args.port)
+        async with server:
+            await server.serve_forever()
+    try:
+        for endpoint in args.rpc.split(","):
+            await _greet(endpoint)
+    except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+        print(f"rpc endpoint failed: {exc}", file=sys.stderr)
+        return 1
+    await _serve_http(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))
