@@ -43,7 +43,7 @@ from mesh_inference.api.console import add_model_routes
 from mesh_inference.api.events import EventBus
 from mesh_inference.api.gateway import NoHostError, create_app, make_local_handler
 from mesh_inference.api.status import StatusInputs, build_status
-from mesh_inference.core.dcf import Frame, MessageType, ProtocolError
+from mesh_inference.core.dcf import Frame, MessageType
 from mesh_inference.core.jointoken import JoinToken
 from mesh_inference.core.membership import (
     Membership,
@@ -54,15 +54,7 @@ from mesh_inference.core.membership import (
     PeerLeft,
 )
 from mesh_inference.core.meshmodel import PlanResult, choose_model, host_of, plan_for
-from mesh_inference.core.messages import (
-    Goodbye,
-    Gossip,
-    Heartbeat,
-    NodeInfo,
-    OpenTunnel,
-    decode_payload,
-    encode_payload,
-)
+from mesh_inference.core.messages import NodeInfo, OpenTunnel, decode_payload, encode_payload
 from mesh_inference.core.plan import Plan, WaitingForCapacity
 from mesh_inference.engine.backends import EngineBackend, EngineUnavailable, find_backend
 from mesh_inference.engine.host import HostController
@@ -79,12 +71,10 @@ from mesh_inference.net.addresses import local_addresses
 from mesh_inference.net.dialer import Dialer
 from mesh_inference.net.discovery import Discovery
 from mesh_inference.net.endpoint import MeshEndpoint, PeerConnection
+from mesh_inference.net.gossip import MembershipDriver
 from mesh_inference.net.proxy import serve_task
 
 log = logging.getLogger(__name__)
-
-_CONTROL_TYPES = {Heartbeat: MessageType.HEARTBEAT, Gossip: MessageType.GOSSIP,
-                  Goodbye: MessageType.GOODBYE}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -135,7 +125,7 @@ class Node:
         self.join_token: JoinToken | None = None
         self.events = EventBus(self.status)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._membership: Membership | None = None
+        self._members: MembershipDriver | None = None
         self._endpoint: MeshEndpoint | None = None
         self._dialer: Dialer | None = None
         self._discovery: DiscoveryLike | None = None
@@ -149,8 +139,6 @@ class Node:
         self._memory = MemoryOffer(0, "none", "")
         self._plan: PlanResult | None = None
         self._planned: tuple[PlanResult | None, str | None, Path | None] | None = None
-        self._wakeup = asyncio.Event()
-        self._timer_task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._stopping = False
         self._closed = asyncio.Event()
@@ -197,11 +185,17 @@ class Node:
             mesh.mesh_id, mesh.secret, tuple(f"{h}:{self.quic_port}" for h in advertise)
         )
         write_private_file(cfg.state_dir / "join-token", (self.join_token.encode() + "\n").encode())
-        self._membership = Membership(self._local_info(), self._loop.time(), cfg.timers)
+        membership = Membership(self._local_info(), self._loop.time(), cfg.timers)
+        self._members = MembershipDriver(
+            membership,
+            send=self._endpoint.send_control,
+            disconnect=self._endpoint.disconnect,
+            on_events=self._on_membership_events,
+        )
         self._dialer = Dialer(
             dial=self._endpoint.dial,
             connected=self._endpoint.peers,
-            status_of=self._membership.status_of,
+            status_of=membership.status_of,
             own_addrs=lambda: {f"{h}:{self.quic_port}" for h in self._advertise_hosts()},
         )
 
@@ -232,7 +226,7 @@ class Node:
             )
             await self._worker.start()
 
-        self._timer_task = asyncio.ensure_future(self._timer_loop())
+        self._members.start()
         self._ticker = asyncio.ensure_future(self._status_ticker())
         if cfg.join is not None:
             self._dialer.bootstrap(cfg.join.addrs)
@@ -266,15 +260,13 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
-        if self._membership is not None and self._loop is not None:
-            self._membership.leave(self._loop.time())
-            self._flush_outgoing()
-            await asyncio.sleep(0.05)  # let the Goodbyes leave before the connections close
-        for task in (self._timer_task, self._ticker):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._members is not None:
+            await self._members.leave()
+            await self._members.stop()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         if self._dialer is not None:
             await self._dialer.close()
         if self._host is not None:
@@ -321,108 +313,59 @@ class Node:
 
     def _local_changed(self) -> None:
         """Something this node announces may have changed: gossip it, re-plan, tell listeners."""
-        if self._membership is None or self._loop is None or self._stopping:
-            return
-        info = self._local_info()
-        if info != self._membership.local:
-            self._membership.update_local(info, self._loop.time())
-            self._pump()
-        else:
-            self._replan()
+        if self._members is not None and not self._stopping:
+            self._members.local_changed(self._local_info())
 
     # ------------------------------------------------------------------ membership
     def _on_peer_connected(self, conn: PeerConnection) -> None:
         log.info("peer %s connected from %s", conn.peer_id, conn.remote_address)
-        if self._membership is not None and self._loop is not None:
-            self._membership.handle_connected(conn.peer_id, self._loop.time())
-            self._pump()
+        if self._members is not None:
+            self._members.peer_connected(conn.peer_id)
 
     def _on_peer_lost(self, peer_id: str, reason: str) -> None:
         log.info("peer %s lost: %s", peer_id, reason)
-        if self._membership is not None and self._loop is not None and not self._stopping:
-            self._membership.handle_disconnected(peer_id, self._loop.time(), reason)
-            self._pump()
+        if self._members is not None:
+            self._members.peer_lost(peer_id, reason)
 
     def _on_control_frame(self, peer_id: str, frame: Frame) -> None:
-        assert self._membership is not None and self._endpoint is not None and self._loop
-        now = self._loop.time()
-        try:
-            msg = decode_payload(frame.type, frame.payload)
-        except ProtocolError as exc:
-            self._endpoint.disconnect(peer_id, f"protocol error: {exc}")
-            return
-        if isinstance(msg, Heartbeat):
-            self._membership.handle_heartbeat(peer_id, msg, now)
-        elif isinstance(msg, Gossip):
-            self._membership.handle_gossip(peer_id, msg, now)
-        elif isinstance(msg, Goodbye):
-            self._membership.handle_goodbye(peer_id, now)
-        else:
-            self._endpoint.disconnect(peer_id, f"unexpected {frame.type.name} on control stream")
-            return
-        self._pump()
+        if self._members is not None:
+            self._members.control_frame(peer_id, frame)
 
-    def _pump(self) -> None:
-        """Act on what membership decided, send what it wants sent, then re-plan once."""
-        assert self._membership is not None
-        while (event := self._membership.next_event()) is not None:
-            self._on_membership_event(event)
-        self._flush_outgoing()
-        self._replan()
-        self._wakeup.set()
-
-    def _flush_outgoing(self) -> None:
-        assert self._membership is not None and self._endpoint is not None
-        for out in self._membership.pop_outgoing():
-            # KeyError: the connection went away between the timer and the send.
-            with contextlib.suppress(KeyError, ConnectionError):
-                self._endpoint.send_control(
-                    out.peer_id, _CONTROL_TYPES[type(out.message)], encode_payload(out.message)
-                )
-
-    def _on_membership_event(self, event: MembershipEvent) -> None:
-        log.info("membership: %s", event)
+    def _on_membership_events(self, events: list[MembershipEvent]) -> None:
         assert self._dialer is not None and self._endpoint is not None
-        if isinstance(event, PeerDiscovered):
-            # The smaller id dials; the other waits a little, so both rarely dial at once.
-            delay = 0.0 if self.node_id < event.info.node_id else 3.0
-            self._dialer.peer_discovered(event.info.node_id, event.info.addrs, delay=delay)
-        elif isinstance(event, PeerDied | PeerLeft):
-            dead = isinstance(event, PeerDied)
-            self._endpoint.disconnect(event.node_id, "declared dead" if dead else "left")
-            if self._host is not None:
-                self._host.drop_worker(event.node_id)
-            if dead and self._membership is not None:
-                rec = next(
-                    (r for r in self._membership.records() if r.info.node_id == event.node_id),
-                    None,
-                )
-                self._dialer.peer_died(event.node_id, rec.info.addrs if rec else ())
+        for event in events:
+            if isinstance(event, PeerDiscovered):
+                # The smaller id dials; the other waits a little, so both rarely dial at once.
+                delay = 0.0 if self.node_id < event.info.node_id else 3.0
+                self._dialer.peer_discovered(event.info.node_id, event.info.addrs, delay=delay)
+            elif isinstance(event, PeerDied | PeerLeft):
+                dead = isinstance(event, PeerDied)
+                self._endpoint.disconnect(event.node_id, "declared dead" if dead else "left")
+                if self._host is not None:
+                    self._host.drop_worker(event.node_id)
+                if dead:
+                    self._dialer.peer_died(event.node_id, self._addrs_of(event.node_id))
+        self._replan()
 
-    async def _timer_loop(self) -> None:
-        assert self._membership is not None and self._loop is not None
-        while True:
-            deadline = self._membership.get_timer()
-            timeout = 0.5 if deadline is None else max(0.0, deadline - self._loop.time())
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            deadline = self._membership.get_timer()
-            if deadline is not None and deadline <= self._loop.time():
-                self._membership.handle_timer(self._loop.time())
-                self._pump()
+    def _addrs_of(self, node_id: str) -> tuple[str, ...]:
+        assert self._members is not None
+        for rec in self._members.membership.records():
+            if rec.info.node_id == node_id:
+                return rec.info.addrs
+        return ()
 
     # ------------------------------------------------------------------ plan
     def _replan(self) -> None:
-        if self._membership is None or self._stopping:
+        if self._members is None or self._stopping:
             return
-        choice = choose_model(self._membership.alive_members())
+        members = self._members.membership.alive_members()
+        choice = choose_model(members)
         here = (self._model.epoch, self._model.ref)
         if choice is not None and (choice.epoch, choice.ref) != here:
             self._model.adopt(choice.epoch, choice.ref)
             self._local_changed()  # announces the adoption, then re-plans
             return
-        plan = plan_for(self._membership.alive_members(), choice)
+        plan = plan_for(members, choice)
         planned = (plan, self._model.ref, self._model.path)
         if planned != self._planned:
             log.info("plan for %s: %s", self._model.ref, plan)
@@ -492,7 +435,7 @@ class Node:
             raise NoHostError(f"no connection to host {host}") from None
 
     def status(self) -> dict[str, Any]:
-        assert self._membership is not None and self._loop is not None
+        assert self._members is not None and self._loop is not None
         model: dict[str, Any] = {
             "ref": self._model.ref,
             "name": self._model.served_name(),
@@ -506,7 +449,7 @@ class Node:
                 http_url=self.http_url,
                 mesh_id=self.join_token.mesh_id if self.join_token else None,
                 join_token=self.join_token.encode() if self.join_token else None,
-                membership=self._membership,
+                membership=self._members.membership,
                 now=self._loop.time(),
                 plan=self._plan,
                 rtt=self._endpoint.rtt if self._endpoint else lambda _p: None,
@@ -527,7 +470,7 @@ class Node:
         self.events.publish(event, data)
 
     def _publish_status(self) -> None:
-        if self.events.has_subscribers and self._membership is not None:
+        if self.events.has_subscribers and self._members is not None:
             self.events.publish("status", self.status())
 
     async def _status_ticker(self) -> None:
@@ -544,7 +487,7 @@ class Node:
 
     async def switch_model(self, ref: str) -> None:
         """Make the whole mesh serve ``ref``: a higher epoch wins everywhere."""
-        assert self._membership is not None
+        assert self._members is not None
         try:
             resolved = resolve_model(ref, self.config.models_dir)
             if resolved.path is None:
@@ -552,7 +495,7 @@ class Node:
             await asyncio.to_thread(read_gguf_metadata, resolved.path)
         except ModelError as exc:
             raise ValueError(str(exc)) from None
-        epoch = 1 + max(m.model_epoch for m in self._membership.alive_members())
+        epoch = 1 + max(m.model_epoch for m in self._members.membership.alive_members())
         self._model.adopt(epoch, ref, resolved)
         self._local_changed()
         self.publish("model", {"ref": ref, "epoch": epoch})
