@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from ggufs import tiny_gguf
 
 from mesh_inference.core.dcf import MessageType
 from mesh_inference.core.membership import MembershipTimers
@@ -51,21 +52,6 @@ class StandInBackend(EngineBackend):
         return [sys.executable, str(STANDIN), "server", "--port", str(port),
                 "--rpc", ",".join(endpoints), "--split", ",".join(f"{s:.4f}" for s in split),
                 "--alias", alias, "--model", str(model)]  # fmt: skip
-
-
-def tiny_gguf(path: Path) -> Path:
-    import gguf
-    import numpy as np
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(4)
-    w.add_context_length(256)
-    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def make_node(tmp: Path, name: str, gib: int, **over: Any) -> Node:
