@@ -22,7 +22,12 @@ async function post(url, ref) {
 export async function refreshModels() {
   let data;
   try {
-    data = await (await fetch("/api/models")).json();
+    const resp = await fetch("/api/models");
+    if (!resp.ok) {
+      toast(resp.status === 401 ? "Log in again: open the console URL printed by mesh-inference" : `HTTP ${resp.status}`);
+      return;
+    }
+    data = await resp.json();
   } catch { return; }
   const mem = meshMemory(lastStatus);
   document.getElementById("models-note").textContent =

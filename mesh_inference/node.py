@@ -41,7 +41,9 @@ from aiohttp import web
 from mesh_inference import __version__
 from mesh_inference.api.console import add_model_routes
 from mesh_inference.api.events import EventBus
-from mesh_inference.api.gateway import NoHostError, create_app, make_local_handler
+from mesh_inference.api.gateway import NoHostError, create_app
+from mesh_inference.api.openai import make_task_handler
+from mesh_inference.api.security import own_host_names
 from mesh_inference.api.status import StatusInputs, build_status
 from mesh_inference.core.dcf import Frame, MessageType
 from mesh_inference.core.jointoken import JoinToken
@@ -61,6 +63,7 @@ from mesh_inference.engine.host import HostController
 from mesh_inference.engine.worker import WorkerService
 from mesh_inference.machine.resources import MemoryOffer, detect_memory
 from mesh_inference.machine.state import (
+    load_or_create_console_token,
     load_or_create_identity,
     load_or_create_mesh,
     write_private_file,
@@ -99,6 +102,7 @@ class NodeConfig:
     max_datagram_size: int = 1452
     timers: MembershipTimers = field(default_factory=MembershipTimers)
     console_dir: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()  # --allow-host: more names the HTTP API answers to
 
 
 class DiscoveryLike(Protocol):
@@ -200,7 +204,13 @@ class Node:
         )
 
         self._session = aiohttp.ClientSession()
-        app = create_app(self, console_dir=cfg.console_dir)
+        extra_hosts = [*cfg.allowed_hosts, *([cfg.advertise_host] if cfg.advertise_host else [])]
+        app = create_app(
+            self,
+            console_dir=cfg.console_dir,
+            console_token=load_or_create_console_token(cfg.state_dir),
+            allowed_hosts=own_host_names(cfg.http_host, extra_hosts),
+        )
         add_model_routes(app, self)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
@@ -405,8 +415,8 @@ class Node:
             assert isinstance(msg, OpenTunnel)
             await self._worker.serve_tunnel(peer_id, msg, reader, writer)
         elif first.type == MessageType.TASK and self._session is not None:
-            handler = make_local_handler(self.http_url, self._session)
-            await serve_task(reader, writer, handler, first=first)
+            # A peer reaches the OpenAI routes only, served here directly.
+            await serve_task(reader, writer, make_task_handler(self, self._session), first=first)
         else:
             writer.close()
 

@@ -50,7 +50,7 @@ def main() -> int:
             f"ready in {time.monotonic() - t0:.1f} s: model {st['model']['name']}, "
             f"split {st['plan']['tensor_split']} over {len(st['plan']['order'])} nodes"
         )
-        print(f"\n  console  {a.url}/\n  API      {a.url}/v1\n  token    {token}\n")
+        print(f"\n  console  {a.console_url}\n  API      {a.url}/v1\n  token    {token}\n")
         print(
             f"  try: curl {a.url}/v1/chat/completions -H 'content-type: application/json' "
             '-d \'{"messages":[{"role":"user","content":"Hello!"}]}\'\n'

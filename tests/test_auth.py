@@ -1,4 +1,4 @@
-"""The sans-I/O mesh handshake (auth.py), frame by frame."""
+"""The sans-I/O mesh handshake (core/handshake.py), frame by frame."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from mesh_inference.core.identity import MeshCredentials, NodeIdentity, verify_s
 
 MESH = MeshCredentials.generate()
 ALICE, BOB, MALLORY = NodeIdentity.generate(), NodeIdentity.generate(), NodeIdentity.generate()
+BINDING = os.urandom(32)  # what both ends of one TLS session derive (see test_session.py)
 
 
 def frame(mtype: MessageType, payload: bytes) -> Frame:
@@ -42,8 +43,8 @@ def pair(
     d_mesh: MeshCredentials = MESH, a_mesh: MeshCredentials = MESH
 ) -> tuple[Handshake, Handshake]:
     return (
-        Handshake(ALICE, d_mesh, is_dialer=True, peer_tls_pubkey_der=BOB.public_key_der()),
-        Handshake(BOB, a_mesh, is_dialer=False),
+        Handshake(ALICE, d_mesh, is_dialer=True, channel_binding=BINDING),
+        Handshake(BOB, a_mesh, is_dialer=False, channel_binding=BINDING),
     )
 
 
@@ -64,8 +65,8 @@ def test_success_both_sides_learn_each_other() -> None:
 
 def test_proof_matches_the_documented_transcript() -> None:
     d_nonce, a_nonce = os.urandom(32), os.urandom(32)
-    d = Handshake(ALICE, MESH, is_dialer=True, nonce=d_nonce)
-    a = Handshake(BOB, MESH, is_dialer=False, nonce=a_nonce)
+    d = Handshake(ALICE, MESH, is_dialer=True, channel_binding=BINDING, nonce=d_nonce)
+    a = Handshake(BOB, MESH, is_dialer=False, channel_binding=BINDING, nonce=a_nonce)
     ((_, d_hello),) = d.pop_frames()
     a.handle_frame(frame(MessageType.HELLO, d_hello))
     ((_, a_hello),) = a.pop_frames()
@@ -81,6 +82,8 @@ def test_proof_matches_the_documented_transcript() -> None:
     transcript = (
         b"mesh-inference/1"
         + MESH.mesh_id.encode()
+        + struct.pack(">I", len(BINDING))
+        + BINDING
         + struct.pack(">I", len(d_hello))
         + d_hello
         + struct.pack(">I", len(a_hello))
@@ -140,10 +143,10 @@ def test_pubkey_swapped_for_another_node_id_fails() -> None:
 
 def test_mallory_claiming_alices_identity_fails_on_the_signature() -> None:
     # Mallory knows the secret and copies Alice's key and id, but cannot sign as Alice.
-    d = Handshake(MALLORY, MESH, is_dialer=True)
-    a = Handshake(BOB, MESH, is_dialer=False)
+    d = Handshake(MALLORY, MESH, is_dialer=True, channel_binding=BINDING)
+    a = Handshake(BOB, MESH, is_dialer=False, channel_binding=BINDING)
     ((t, hello),) = d.pop_frames()
-    d_alice = Handshake(ALICE, MESH, is_dialer=True)
+    d_alice = Handshake(ALICE, MESH, is_dialer=True, channel_binding=BINDING)
     ((_, alice_hello),) = d_alice.pop_frames()
     forged_hello = _tamper_hello(
         hello,
@@ -155,6 +158,7 @@ def test_mallory_claiming_alices_identity_fails_on_the_signature() -> None:
     # Mallory computes a correct MAC over the real transcript, signed with her own key.
     transcript = (
         b"mesh-inference/1" + MESH.mesh_id.encode()
+        + struct.pack(">I", len(BINDING)) + BINDING
         + struct.pack(">I", len(forged_hello)) + forged_hello
         + struct.pack(">I", len(a_hello)) + a_hello + b"dialer"
     )
@@ -183,17 +187,61 @@ def test_tampered_signature_fails() -> None:
         a.handle_frame(frame(t3, json.dumps(msg).encode()))
 
 
-def test_dialer_refuses_a_hello_whose_key_is_not_the_tls_certificates() -> None:
-    # A relay in the middle presents its own certificate and forwards Bob's Hello:
-    # the dialer must notice before it sends a proof the relay could reuse.
-    d = Handshake(ALICE, MESH, is_dialer=True, peer_tls_pubkey_der=MALLORY.public_key_der())
-    a = Handshake(BOB, MESH, is_dialer=False)
+def test_a_relay_between_two_tls_sessions_fails_on_both_sides() -> None:
+    # Mallory terminates TLS with Alice and, separately, with Bob, and forwards
+    # the control frames: the two TLS sessions have different bindings.
+    alice_side, bob_side = os.urandom(32), os.urandom(32)
+    n_alice, n_bob = os.urandom(32), os.urandom(32)
+    d = Handshake(ALICE, MESH, is_dialer=True, channel_binding=alice_side, nonce=n_alice)
+    a = Handshake(BOB, MESH, is_dialer=False, channel_binding=bob_side, nonce=n_bob)
     ((t, hello),) = d.pop_frames()
     a.handle_frame(frame(t, hello))
     ((t2, a_hello),) = a.pop_frames()
-    with pytest.raises(AuthFailed, match="TLS certificate"):
-        d.handle_frame(frame(t2, a_hello))
-    assert d.pop_frames() == []
+    d.handle_frame(frame(t2, a_hello))  # Bob's real Hello: nothing to refuse in it
+    ((t3, d_proof),) = d.pop_frames()
+    with pytest.raises(AuthFailed, match=r"mesh secret \(or the session is relayed\)"):
+        a.handle_frame(frame(t3, d_proof))
+    assert a.pop_frames() == [] and not a.complete
+    # The other way round: an acceptor Proof over the very same Hellos, but bound
+    # to Bob's TLS session, is worthless to Alice.
+    bob_proof = Handshake(BOB, MESH, is_dialer=False, channel_binding=bob_side, nonce=n_bob)
+    bob_proof.handle_frame(frame(MessageType.HELLO, hello))
+    bob_proof.pop_frames()
+    twin_d2 = Handshake(ALICE, MESH, is_dialer=True, channel_binding=bob_side, nonce=n_alice)
+    twin_d2.pop_frames()
+    twin_d2.handle_frame(frame(MessageType.HELLO, a_hello))
+    ((_, twin_proof),) = twin_d2.pop_frames()
+    bob_proof.handle_frame(frame(MessageType.PROOF, twin_proof))
+    ((_, b_proof), _welcome) = bob_proof.pop_frames()
+    with pytest.raises(AuthFailed, match="mesh secret"):
+        d.handle_frame(frame(MessageType.PROOF, b_proof))
+    assert not d.complete
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"v": 2}, "version"),
+        ({"mesh_id": "0" * 16}, "another mesh"),
+        ({"node_id": "0" * 16}, "node id does not match"),
+        ({"pubkey": base64.b64encode(MALLORY.public_key_der()).decode()}, "node id does not match"),
+    ],
+)
+def test_dialer_checks_the_acceptors_hello_before_it_proves(
+    changes: dict[str, object], match: str
+) -> None:
+    d, a = pair()
+    ((t, hello),) = d.pop_frames()
+    a.handle_frame(frame(t, hello))
+    ((t2, a_hello),) = a.pop_frames()
+    with pytest.raises(AuthFailed, match=match):
+        d.handle_frame(frame(t2, _tamper_hello(a_hello, **changes)))
+    assert d.pop_frames() == [] and d.failed
+
+
+def test_channel_binding_length_is_checked() -> None:
+    with pytest.raises(ValueError, match="channel binding"):
+        Handshake(ALICE, MESH, is_dialer=True, channel_binding=b"short")
 
 
 def test_dialer_must_not_accept_welcome_before_a_valid_proof() -> None:
@@ -212,7 +260,7 @@ def test_dialer_must_not_accept_welcome_before_a_valid_proof() -> None:
     [MessageType.PROOF, MessageType.WELCOME, MessageType.GOSSIP, MessageType.HEARTBEAT],
 )
 def test_acceptor_rejects_anything_but_hello_first(mtype: MessageType) -> None:
-    a = Handshake(BOB, MESH, is_dialer=False)
+    a = Handshake(BOB, MESH, is_dialer=False, channel_binding=BINDING)
     with pytest.raises(AuthFailed, match="unexpected"):
         a.handle_frame(frame(mtype, b"{}"))
 
@@ -230,7 +278,7 @@ def test_frames_after_completion_or_failure_are_rejected() -> None:
     run(d, a)
     with pytest.raises(AuthFailed, match="after the handshake ended"):
         a.handle_frame(frame(MessageType.HELLO, b"{}"))
-    bad = Handshake(BOB, MESH, is_dialer=False)
+    bad = Handshake(BOB, MESH, is_dialer=False, channel_binding=BINDING)
     with pytest.raises(AuthFailed):
         bad.handle_frame(frame(MessageType.HELLO, b"junk"))
     with pytest.raises(AuthFailed, match="after the handshake ended"):
@@ -246,7 +294,7 @@ def test_replayed_proof_from_another_session_fails() -> None:
     ((_, proof1),) = d1.pop_frames()
     # An eavesdropper replays Alice's Hello and Proof to Bob: Bob's new nonce makes
     # the transcript differ, so the old proof is worthless.
-    a2 = Handshake(BOB, MESH, is_dialer=False)
+    a2 = Handshake(BOB, MESH, is_dialer=False, channel_binding=BINDING)
     a2.handle_frame(frame(t, hello1))
     a2.pop_frames()
     with pytest.raises(AuthFailed, match="mesh secret"):
@@ -277,7 +325,7 @@ def test_reflected_proof_fails() -> None:
     ],
 )
 def test_garbage_hello_fails_cleanly(payload: bytes) -> None:
-    a = Handshake(BOB, MESH, is_dialer=False)
+    a = Handshake(BOB, MESH, is_dialer=False, channel_binding=BINDING)
     with pytest.raises(AuthFailed):
         a.handle_frame(frame(MessageType.HELLO, payload))
 
@@ -299,8 +347,8 @@ def test_bad_hello_fields(field: str, value: object, match: str) -> None:
 
 
 def test_connecting_to_ourselves_fails() -> None:
-    d = Handshake(ALICE, MESH, is_dialer=True)
-    a = Handshake(ALICE, MESH, is_dialer=False)
+    d = Handshake(ALICE, MESH, is_dialer=True, channel_binding=BINDING)
+    a = Handshake(ALICE, MESH, is_dialer=False, channel_binding=BINDING)
     with pytest.raises(AuthFailed, match="ourselves"):
         run(d, a)
 

@@ -104,3 +104,10 @@ def test_models_download_unknown(tmp_path: Path) -> None:
         cli, ["models", "download", "nope-xyz", "--models-dir", str(tmp_path)]
     )
     assert result.exit_code == 1 and "unknown model" in result.output
+
+
+def test_the_console_is_found_in_a_source_checkout() -> None:
+    from mesh_inference.cli.main import _console_dir
+
+    found = _console_dir()
+    assert found is not None and (found / "index.html").is_file() and (found / "app.js").is_file()

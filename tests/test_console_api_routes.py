@@ -1,4 +1,8 @@
-"""Model routes of the console on a real aiohttp server, downloads from a local fake hub."""
+"""Model routes of the console on a real gateway (guard included), downloads from a fake hub.
+
+The client logs in with the console token as a bearer, as `mesh-inference`'s
+own tools do; what happens without it is in test_api_security.py.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,12 @@ from aiohttp import web
 from fakehub import running_hub
 
 from mesh_inference.api.console import add_model_routes
+from mesh_inference.api.gateway import create_app
 
 pytestmark = pytest.mark.timeout(60)
+TOKEN = "console-token-for-tests-0123456789abcdef"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+JSON = {**AUTH, "content-type": "application/json"}
 
 
 class Backend:
@@ -40,11 +48,30 @@ class Backend:
         self.events.append((event, data))
         self.changed.set()
 
+    # the gateway's side of the node (not used by these routes)
+    def status(self) -> dict[str, Any]:
+        return {"ready": False, "join_token": "mi1.secret"}
+
+    def engine_url(self) -> str | None:
+        return None
+
+    def is_host(self) -> bool:
+        return False
+
+    def served_model(self) -> str | None:
+        return None
+
+    async def open_host_stream(self) -> tuple[Any, Any]:
+        raise AssertionError("not used")
+
+    async def subscribe(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        yield "status", self.status()
+
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[tuple[str, Backend]]:
     backend = Backend(tmp_path / "models")
-    app = web.Application()
+    app = create_app(backend, console_dir=None, console_token=TOKEN)
     add_model_routes(app, backend)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -56,7 +83,7 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[str, Backend]]:
 
 async def test_listing(server: tuple[str, Backend]) -> None:
     url, _ = server
-    async with aiohttp.ClientSession() as s, s.get(f"{url}/api/models") as r:
+    async with aiohttp.ClientSession(headers=AUTH) as s, s.get(f"{url}/api/models") as r:
         data = await r.json()
     assert data["current"] == "smollm2-135m"
     names = {m["name"]: m for m in data["catalog"]}
@@ -68,14 +95,16 @@ async def test_listing(server: tuple[str, Backend]) -> None:
 @pytest.mark.parametrize("path", ["/api/models/switch", "/api/models/download"])
 async def test_bad_bodies_are_400(server: tuple[str, Backend], path: str, body: bytes) -> None:
     url, _ = server
-    async with aiohttp.ClientSession() as s, s.post(url + path, data=body) as r:
+    async with aiohttp.ClientSession(headers=AUTH) as s, s.post(
+        url + path, data=body, headers=JSON
+    ) as r:
         assert r.status == 400
         assert (await r.json())["error"]["type"] == "invalid_request_error"
 
 
 async def test_switch(server: tuple[str, Backend]) -> None:
     url, backend = server
-    async with aiohttp.ClientSession() as s:
+    async with aiohttp.ClientSession(headers=AUTH) as s:
         async with s.post(f"{url}/api/models/switch", json={"ref": "smollm2-135m"}) as r:
             assert r.status == 202
         async with s.post(f"{url}/api/models/switch", json={"ref": "bad"}) as r:
@@ -91,7 +120,7 @@ async def test_download_publishes_progress_and_refuses_twice(
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         data = b"GGUF" + os.urandom(3 << 20)
         hub.add("owner/repo", "m.gguf", data)
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=AUTH) as s:
             async with s.post(f"{url}/api/models/download",
                               json={"ref": "hf://owner/repo/m.gguf"}) as r:
                 assert r.status == 202
@@ -114,7 +143,7 @@ async def test_download_of_a_local_file_is_400(server: tuple[str, Backend],
     url, _ = server
     f = tmp_path / "x.gguf"
     f.write_bytes(b"GGUF")
-    async with aiohttp.ClientSession() as s, s.post(
+    async with aiohttp.ClientSession(headers=AUTH) as s, s.post(
         f"{url}/api/models/download", json={"ref": str(f)}
     ) as r:
         assert r.status == 400 and "nothing to download" in (await r.json())["error"]["message"]

@@ -6,9 +6,11 @@ the ones in docs/ that the README shows.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,20 @@ def test_console_end_to_end(mesh: dict[str, Any], browser: Any, tmp_path: Path) 
     errors: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
+
+    # Not logged in: the login screen, and the status carries no secret.
+    with urllib.request.urlopen(f"{a.url}/api/status", timeout=10) as resp:
+        assert json.loads(resp.read())["join_token"] is None
     page.goto(a.url + "/")
+    page.wait_for_selector("#login-token", state="visible", timeout=15000)
+    assert "open the url printed by" in page.locator("#login").inner_text().lower()
+    assert not page.locator(".tabs").is_visible()
+    public = page.evaluate("fetch('/api/status').then((r) => r.json())")
+    assert public["join_token"] is None and public["node"]["name"] == "gaming-pc"
+
+    # The URL the CLI prints logs in and drops the token from the address bar.
+    page.goto(a.console_url)
+    assert "token=" not in page.url and page.url.startswith(a.url)
 
     # Mesh view: three nodes, the host marked, live over SSE.
     page.wait_for_selector(".conn.live", timeout=15000)
@@ -98,8 +113,12 @@ def test_console_end_to_end(mesh: dict[str, Any], browser: Any, tmp_path: Path) 
 
     # Join: the copy button puts the token on the clipboard.
     page.click("button[data-view=join]")
-    token = a.status()["join_token"]
+    token = a.status()["join_token"]  # devmesh sends the console token: the full status
+    assert token and token.startswith("mi1.")
+    page.wait_for_function(
+        "document.getElementById('token').textContent.startsWith('mi1.')", timeout=10000)
     assert page.locator("#token").inner_text() == token
+    assert token in page.locator("#join-cmd").inner_text()
     page.click("#copy-token")
     assert page.evaluate("navigator.clipboard.readText()") == token
     page.screenshot(path=str(shots / "console-join.png"))
@@ -125,6 +144,12 @@ def test_console_end_to_end(mesh: dict[str, Any], browser: Any, tmp_path: Path) 
     mp = phone.new_page()
     mp.on("pageerror", lambda e: errors.append(str(e)))
     mp.goto(a.url + "/#mesh")
+    # A new browser is not logged in: a wrong token is refused, the right one pasted works.
+    mp.fill("#login-token", "not-the-token-" + "x" * 30)
+    mp.click("#login-button")
+    mp.wait_for_selector("#login-error:has-text('not this node')", timeout=10000)
+    mp.fill("#login-token", a.console_token)
+    mp.click("#login-button")
     mp.wait_for_function("document.querySelectorAll('.card').length === 2", timeout=15000)
     mp.screenshot(path=str(shots / "console-mobile.png"))
     phone.close()

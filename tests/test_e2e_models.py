@@ -59,9 +59,9 @@ def test_switching_the_model_relaunches_the_mesh(tmp_path: Path) -> None:
         b = lm.start_node("b", join=lm.join_token(a), max_vram_gb=2)
         lm.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 2, timeout=120,
                     what="ready")
-        code, body = post(f"{b.url}/api/models/switch", {"ref": "nope-model"})
+        code, body = b.request("POST", "/api/models/switch", {"ref": "nope-model"})
         assert code == 400 and "unknown model" in str(body["error"])
-        code, _ = post(f"{b.url}/api/models/switch", {"ref": "smol-copy"})
+        code, _ = b.request("POST", "/api/models/switch", {"ref": "smol-copy"})
         assert code == 202
         for node in (a, b):
             lm.wait_for(node, lambda s: s["model"]["ref"] == "smol-copy" and s["ready"],

@@ -1,8 +1,9 @@
 """Gateway and HTTP-over-stream proxy on real sockets (127.0.0.1, port 0).
 
 The upstream is a real aiohttp server that speaks like llama-server; the
-"host" of a non-host gateway is a second real gateway reached through the
-DCF proxy over a real TCP stream pair (same interface as a QUIC stream).
+"host" of a non-host gateway is served by the OpenAI core behind the DCF
+proxy over a real TCP stream pair (same interface as a QUIC stream), exactly
+as the node serves a peer's Task: no HTTP gateway in between.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mesh_inference.api.gateway import NoHostError, create_app, make_local_handler
+from mesh_inference.api.gateway import NoHostError, create_app
+from mesh_inference.api.openai import make_task_handler
 from mesh_inference.core.dcf import Frame, FrameDecoder, MessageType
 from mesh_inference.core.messages import TaskHead
 from mesh_inference.net.proxy import (
@@ -28,10 +30,15 @@ from mesh_inference.net.proxy import (
 )
 
 pytestmark = pytest.mark.timeout(60)
+TOKEN = "t" * 43  # a console token; these tests do not log in
+
+
+def gateway(backend: Any) -> web.Application:
+    return create_app(backend, console_dir=None, console_token=TOKEN)
 
 
 async def start(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, handler_cancellation=True)  # as the node runs it
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -100,15 +107,15 @@ class Backend:
 
 @pytest.fixture
 async def mesh() -> AsyncIterator[dict[str, Any]]:
-    """upstream (fake llama) ← host gateway ← proxy over TCP ← worker gateway."""
+    """upstream (fake llama) ← host gateway; upstream ← Task handler ← TCP ← worker gateway."""
     llama_app, release = fake_llama()
     r1, llama_url = await start(llama_app)
     host_backend = Backend(llama_url, host=True)
-    r2, host_url = await start(create_app(host_backend, console_dir=None))
+    r2, host_url = await start(gateway(host_backend))
     session = aiohttp.ClientSession()
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_task(reader, writer, make_local_handler(host_url, session))
+        await serve_task(reader, writer, make_task_handler(host_backend, session))
 
     server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -116,8 +123,7 @@ async def mesh() -> AsyncIterator[dict[str, Any]]:
     async def opener() -> tuple[Any, Any]:
         return await asyncio.open_connection("127.0.0.1", port)
 
-    r3, worker_url = await start(create_app(Backend(None, host=False, opener=opener),
-                                            console_dir=None))
+    r3, worker_url = await start(gateway(Backend(None, host=False, opener=opener)))
     yield {"llama": llama_url, "host": host_url, "worker": worker_url, "release": release,
            "host_backend": host_backend, "session": session}
     server.close()
@@ -174,6 +180,13 @@ async def test_openai_client_through_worker(mesh: dict[str, Any]) -> None:
         (json.dumps({**CHAT, "stream": "yes"}).encode(), "stream"),
         (json.dumps({**CHAT, "max_tokens": 0}).encode(), "max_tokens"),
         (json.dumps({**CHAT, "temperature": -1}).encode(), "temperature"),
+        (json.dumps({**CHAT, "model": 7}).encode(), "model"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}', None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 1e999}', None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 100
+         + b"]" * 100 + b"}", None),
+        (b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
     ],
 )
 @pytest.mark.parametrize("where", ["host", "worker"])
@@ -206,7 +219,7 @@ async def test_host_without_engine_is_503(mesh: dict[str, Any]) -> None:
 
 
 async def test_no_host_is_503_and_loop_guard() -> None:
-    runner, url = await start(create_app(Backend(None, host=False), console_dir=None))
+    runner, url = await start(gateway(Backend(None, host=False)))
     try:
         async with aiohttp.ClientSession() as s:
             async with s.post(f"{url}/v1/chat/completions", json=CHAT) as r:

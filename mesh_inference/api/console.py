@@ -3,7 +3,10 @@
 ``add_model_routes(app, backend)`` adds ``GET /api/models``,
 ``POST /api/models/download`` (202; progress as SSE ``download`` events via
 ``backend.publish``), ``GET /api/downloads`` and ``POST /api/models/switch``.
-Blocking work (hashing, HTTP) runs in threads.
+Blocking work (hashing, HTTP) runs in threads. Add them to an app made by
+``gateway.create_app``: its guard (security.py) lets only a logged-in
+console (or a bearer of the console token) reach any of them, and only with
+JSON bodies.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from mesh_inference.api.gateway import openai_error
+from mesh_inference.api.openai import openai_error
 from mesh_inference.models.download import DownloadProgress, download_model
 from mesh_inference.models.refs import ModelError, list_local_models, load_catalog, resolve_model
 

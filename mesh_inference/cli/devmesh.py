@@ -2,6 +2,9 @@
 
 Each node is a real ``python -m mesh_inference`` process in its own process
 group with its own state dir; ``stop()`` ends exactly those groups.
+``NodeProcess.console_url`` logs a browser in (it carries the node's console
+token); ``status()`` and ``request()`` send that token, so they see what the
+node's own user sees (the join token, the model routes).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh_inference.machine.state import read_console_token
+
 
 @dataclass
 class NodeProcess:
@@ -28,31 +33,58 @@ class NodeProcess:
     log_path: Path
     http_port: int = 0
     netns: str | None = None  # runs inside this network namespace
+    console_token: str = ""  # read from <state-dir>/console-token once the node started
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def console_url(self) -> str:
+        """The URL that logs a browser in to this node's console (as the CLI prints it)."""
+        return f"{self.url}/?token={self.console_token}"
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.console_token}"} if self.console_token else {}
+
     def status(self, timeout: float = 3.0) -> dict[str, Any]:
+        """``/api/status`` as the node's user sees it (with the join token)."""
         if self.netns is not None:
             return json.loads(self.http_in_netns("GET", "/api/status", None, timeout))  # type: ignore[no-any-return]
-        with urllib.request.urlopen(f"{self.url}/api/status", timeout=timeout) as resp:
+        req = urllib.request.Request(f"{self.url}/api/status", headers=self.auth_headers())
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             data: dict[str, Any] = json.loads(resp.read())
             return data
 
+    def request(
+        self, method: str, path: str, body: object = None, timeout: float = 60.0
+    ) -> tuple[int, Any]:
+        """A JSON request with the console token: (HTTP status, decoded JSON body)."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method,
+            headers={"content-type": "application/json", **self.auth_headers()},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+
     def http_in_netns(self, method: str, path: str, body: bytes | None, timeout: float) -> str:
-        """An HTTP request made from inside the node's network namespace."""
+        """An HTTP request made from inside the node's network namespace (with the token)."""
         assert self.netns is not None
         code = (
-            "import sys, urllib.request\n"
+            "import json, sys, urllib.request\n"
             "req = urllib.request.Request(sys.argv[1], data=sys.stdin.buffer.read() or None,"
-            " method=sys.argv[2], headers={'content-type': 'application/json'})\n"
+            " method=sys.argv[2], headers=json.loads(sys.argv[4]))\n"
             "sys.stdout.write(urllib.request.urlopen(req, timeout=float(sys.argv[3])).read()"
             ".decode())\n"
         )
+        headers = {"content-type": "application/json", **self.auth_headers()}
         out = subprocess.run(
             ["ip", "netns", "exec", self.netns, sys.executable, "-c", code, self.url + path,
-             method, str(timeout)],
+             method, str(timeout), json.dumps(headers)],
             input=body or b"", capture_output=True, timeout=timeout + 10,
         )
         if out.returncode != 0:
@@ -157,9 +189,16 @@ class LocalMesh:
                 )
             try:
                 node.http_port = int(json.loads(path.read_text())["http_url"].rsplit(":", 1)[1])
-                return
             except (OSError, ValueError, KeyError):
                 time.sleep(0.1)
+                continue
+            # node.json is written last in start(): the token file exists by now.
+            token = read_console_token(node.state_dir)
+            if token is None:
+                raise RuntimeError(f"node {node.name} started without a console token in "
+                                   f"{node.state_dir}:\n{node.log_tail()}")
+            node.console_token = token
+            return
         raise TimeoutError(f"node {node.name} did not start:\n{node.log_tail()}")
 
     def join_token(self, node: NodeProcess) -> str:

@@ -21,9 +21,10 @@ DEFAULT_PORT = 9337
 
 
 def _console_dir() -> Path | None:
-    # console/ sits next to the package in a source checkout.
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "console", here / "console"):
+    # console/ sits next to the package in a source checkout (this file is
+    # mesh_inference/cli/main.py), or inside the package when installed with it.
+    package = Path(__file__).resolve().parents[1]
+    for cand in (package.parent / "console", package / "console"):
         if (cand / "index.html").is_file():
             return cand
     return None
@@ -63,6 +64,15 @@ def _parse_port(value: int, flag: str) -> int:
     default="127.0.0.1",
     show_default=True,
     help="Address the API and console listen on (0.0.0.0 exposes them to the network).",
+)
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Another host name the API and console answer to (repeatable), e.g. a DNS name "
+    "or a reverse proxy's; loopback, this machine's name and addresses always work. "
+    "Requests for any other name are refused (DNS-rebinding protection).",
 )
 @click.option(
     "--http-port",
@@ -150,6 +160,7 @@ def cli(ctx: click.Context, /, **opts: Any) -> None:
 def _run_node(**opts: Any) -> None:
     from mesh_inference.core.jointoken import InvalidJoinToken, JoinToken
     from mesh_inference.core.membership import MembershipTimers
+    from mesh_inference.machine.state import load_or_create_console_token
     from mesh_inference.models.refs import ModelError, default_models_dir
     from mesh_inference.node import Node, NodeConfig
 
@@ -186,6 +197,7 @@ def _run_node(**opts: Any) -> None:
         name=opts["name"] or socket.gethostname(),
         http_host=opts["http_host"],
         http_port=opts["http_port"],
+        allowed_hosts=tuple(opts["allow_hosts"]),
         quic_host=opts["quic_host"],
         quic_port=opts["quic_port"],
         advertise_host=opts["advertise_host"],
@@ -203,6 +215,10 @@ def _run_node(**opts: Any) -> None:
     if config.model_ref is not None:
         _fetch_model_if_needed(config.model_ref, config.models_dir)
 
+    for name in opts["allow_hosts"]:
+        if not name.strip() or any(c in name for c in "/@ \t"):
+            raise click.BadParameter(f"{name!r} is not a host name", param_hint="--allow-host")
+
     async def main() -> int:
         node = Node(config)
         try:
@@ -213,9 +229,11 @@ def _run_node(**opts: Any) -> None:
             return 2
         token = node.join_token.encode() if node.join_token else "-"
         status = node.status()
+        # The node created it at start; the URL logs this browser in (see api/security.py).
+        console_token = load_or_create_console_token(config.state_dir)
         click.echo(f"mesh-inference {__version__}")
         click.echo(f"  node id    {node.node_id}  ({status['node']['role']})")
-        click.echo(f"  console    {node.http_url}/")
+        click.echo(f"  console    {node.http_url}/?token={console_token}")
         click.echo(f"  API        {node.http_url}/v1  (OpenAI-compatible)")
         click.echo(f"  QUIC       udp/{node.quic_port}")
         click.echo(f"  join token {node.join_token.encode() if node.join_token else '-'}")
@@ -294,6 +312,16 @@ def _node_url(state_dir: Path, url: str | None) -> str:
         return f"http://127.0.0.1:{DEFAULT_PORT}"
 
 
+def _get_status(base: str, token: str | None) -> dict[str, Any]:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(f"{base}/api/status", headers=headers)
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        data = json.loads(resp.read())
+    if not isinstance(data, dict):
+        raise ValueError("the status is not a JSON object")
+    return data
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
 @click.option("--url", help="Node API URL (default: from --state-dir's node.json, else :9337).")
@@ -304,11 +332,19 @@ def _node_url(state_dir: Path, url: str | None) -> str:
     show_default=True,
 )
 def status(as_json: bool, url: str | None, state_dir: Path) -> None:
-    """Show a running node's view of the mesh."""
+    """Show a running node's view of the mesh (with its join token when it is ours)."""
     base = _node_url(state_dir, url)
+    # The console token proves we are this node's user, so the answer includes the
+    # join token. Never sent to an explicit --url: that may be another machine.
+    from mesh_inference.machine.state import read_console_token
+
+    token = None if url else read_console_token(state_dir)
     try:
-        with urllib.request.urlopen(f"{base}/api/status", timeout=5) as resp:
-            data = json.loads(resp.read())
+        data = _get_status(base, token)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 401 or token is None:
+            raise click.ClickException(f"{base} answered HTTP {exc.code}") from None
+        data = _get_status(base, None)  # a stale token file: the public status still works
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise click.ClickException(f"no node answering at {base}: {exc}") from None
     if as_json:

@@ -45,6 +45,7 @@ class MessageType(IntEnum):
     OPEN_TUNNEL = 0x15  # first frame of a tunnel stream: which local service
     BODY = 0x16  # a chunk of an HTTP body following a TASK or RESULT
     ERROR = 0x17  # a peer-visible error (reason text), then close
+    CREDIT = 0x18  # stream credit: the receiver consumed bytes, the sender may send more
 
 
 class ProtocolError(Exception):
@@ -108,34 +109,61 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
+    @property
+    def max_payload(self) -> int:
+        return self._max_payload
+
+    @max_payload.setter
+    def max_payload(self, value: int) -> None:
+        """Change the limit for frames not yet returned (e.g. raise it after authentication)."""
+        self._max_payload = value
+
     def feed(self, data: bytes) -> list[Frame]:
+        """Buffer ``data`` and return every whole frame now available."""
+        self.push(data)
+        frames: list[Frame] = []
+        while (frame := self.next_frame()) is not None:
+            frames.append(frame)
+        return frames
+
+    def push(self, data: bytes) -> None:
+        """Buffer ``data`` without decoding; take frames one by one with :meth:`next_frame`."""
         if self._failed:
             raise ProtocolError("decoder already failed")
         self._buf += data
-        frames: list[Frame] = []
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame, or None until more bytes arrive.
+
+        One frame at a time lets the caller change ``max_payload`` between frames:
+        the frame that completes a handshake may share a packet with bigger ones.
+        """
+        if self._failed:
+            raise ProtocolError("decoder already failed")
+        if len(self._buf) < HEADER_SIZE:
+            return None
         try:
-            while len(self._buf) >= HEADER_SIZE:
-                type_, seq, ts, length = HEADER.unpack_from(self._buf)
-                try:
-                    mtype = MessageType(type_)
-                except ValueError:
-                    raise ProtocolError(f"unknown frame type 0x{type_:02x}") from None
-                if length > self._max_payload:
-                    raise ProtocolError(
-                        f"frame payload of {length} B exceeds limit of {self._max_payload} B"
-                    )
-                if self._check_sequence and seq != self._expected_seq:
-                    raise ProtocolError(f"frame sequence {seq}, expected {self._expected_seq}")
-                if len(self._buf) < HEADER_SIZE + length:
-                    break
-                payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + length])
-                del self._buf[: HEADER_SIZE + length]
-                self._expected_seq = (seq + 1) & U32_MAX
-                frames.append(Frame(mtype, seq, ts, payload))
+            type_, seq, ts, length = HEADER.unpack_from(self._buf)
+            try:
+                mtype = MessageType(type_)
+            except ValueError:
+                raise ProtocolError(f"unknown frame type 0x{type_:02x}") from None
+            if length > self._max_payload:
+                # Checked on the header alone: never wait for (or buffer) a hostile size.
+                raise ProtocolError(
+                    f"frame payload of {length} B exceeds limit of {self._max_payload} B"
+                )
+            if self._check_sequence and seq != self._expected_seq:
+                raise ProtocolError(f"frame sequence {seq}, expected {self._expected_seq}")
         except ProtocolError:
             self._failed = True
             raise
-        return frames
+        if len(self._buf) < HEADER_SIZE + length:
+            return None
+        payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + length])
+        del self._buf[: HEADER_SIZE + length]
+        self._expected_seq = (seq + 1) & U32_MAX
+        return Frame(mtype, seq, ts, payload)
 
     def take_remainder(self) -> bytes:
         """Bytes after the last whole frame (a tunnel stream switches to raw bytes)."""

@@ -2,25 +2,35 @@
 
 Public API::
 
-    hs = Handshake(identity, mesh, is_dialer=True, peer_tls_pubkey_der=spki)
+    hs = Handshake(identity, mesh, is_dialer=True, channel_binding=binding)
     for mtype, payload in hs.pop_frames(): ...   # send as DCF frames, in order
     hs.handle_frame(frame)                       # each received control frame
+    hs.peer_proved                               # the peer's Proof checked out
     hs.complete; hs.peer_id; hs.peer_pubkey_der  # once complete
     AuthFailed(reason)                           # raised on any failure; then drop the peer
 
 Flow (DESIGN.md "Handshake"): dialer Hello → acceptor Hello → dialer Proof
 → acceptor Proof + Welcome. A Proof is an HMAC-SHA256 with the mesh secret
 and an ECDSA-P256-SHA256 signature with the node key, both over the
-transcript (both Hello payloads, each with a fresh 32-byte nonce) followed
-by the prover's role, so a proof can be neither replayed into another
+transcript ``"mesh-inference/1" ‖ mesh_id ‖ u32 len ‖ channel binding ‖
+u32 len ‖ dialer Hello ‖ u32 len ‖ acceptor Hello`` (each Hello with a
+fresh 32-byte nonce) followed by the prover's role (``dialer`` or
+``acceptor``), so a proof can be neither replayed into another
 session nor reflected back to its sender. The signature binds the node id,
 which is the hash of the key.
 
-The dialer proves first, so a stranger who dials learns nothing. The
-dialer also refuses an acceptor Hello whose key differs from the acceptor's
-TLS certificate (``peer_tls_pubkey_der``) *before* it proves anything:
-otherwise a relay in the middle could forward our proof to the real
-acceptor and be admitted in our name.
+The transcript also carries ``channel_binding``: a secret both ends derive
+from *this* TLS session (``PeerSession`` uses the TLS 1.3 key schedule over
+the whole TLS transcript, see session.py). It is equal on both ends of one
+TLS session and differs between any two, so a relay that terminates TLS
+with each side separately and forwards the control frames gets proofs
+bound to the wrong session: both sides refuse them. No TLS certificate
+needs checking: the node key is proven by the signature, the session by
+the binding.
+
+The dialer proves first, so a stranger who dials learns nothing, and it
+checks the acceptor's Hello (version, mesh id, node id = hash of the key)
+before it proves anything.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ from mesh_inference.core.identity import (
 PROTOCOL = b"mesh-inference/1"
 VERSION = 1
 NONCE_BYTES = 32
+MIN_CHANNEL_BINDING = 16  # a binding this short could be guessed
+MAX_CHANNEL_BINDING = 64
 # Hellos and Proofs are a few hundred bytes; anything much bigger is hostile.
 MAX_HANDSHAKE_PAYLOAD = 4096
 MAX_PUBKEY_DER = 512
@@ -105,15 +117,19 @@ class Handshake:
         mesh: MeshCredentials,
         *,
         is_dialer: bool,
+        channel_binding: bytes,
         nonce: bytes | None = None,
-        peer_tls_pubkey_der: bytes | None = None,
     ) -> None:
         if nonce is not None and len(nonce) != NONCE_BYTES:
             raise ValueError(f"a handshake nonce is {NONCE_BYTES} bytes")
+        if not MIN_CHANNEL_BINDING <= len(channel_binding) <= MAX_CHANNEL_BINDING:
+            raise ValueError(
+                f"a channel binding is {MIN_CHANNEL_BINDING}-{MAX_CHANNEL_BINDING} bytes"
+            )
         self._identity = identity
         self._mesh = mesh
         self.is_dialer = is_dialer
-        self._peer_tls_pubkey_der = peer_tls_pubkey_der
+        self._binding = channel_binding
         self._out: list[tuple[MessageType, bytes]] = []
         self._my_hello = json.dumps(
             {
@@ -135,6 +151,11 @@ class Handshake:
     @property
     def complete(self) -> bool:
         return self._state is _State.DONE
+
+    @property
+    def peer_proved(self) -> bool:
+        """The peer's Proof checked out (the dialer then only waits for Welcome)."""
+        return self._state in (_State.WAIT_WELCOME, _State.DONE)
 
     @property
     def failed(self) -> bool:
@@ -167,6 +188,8 @@ class Handshake:
             (
                 PROTOCOL,
                 self._mesh.mesh_id.encode(),
+                struct.pack(">I", len(self._binding)),
+                self._binding,
                 struct.pack(">I", len(dialer)),
                 dialer,
                 struct.pack(">I", len(acceptor)),
@@ -195,7 +218,10 @@ class Handshake:
         data = self._transcript(self._peer_role())
         want = hmac.new(self._mesh.secret, data, hashlib.sha256).digest()
         if not hmac.compare_digest(mac, want):
-            raise AuthFailed("auth failed: the peer does not know the mesh secret")
+            # Also what a relay sees: its two TLS sessions have different bindings.
+            raise AuthFailed(
+                "auth failed: the peer does not know the mesh secret (or the session is relayed)"
+            )
         assert self.peer_pubkey_der is not None
         if not verify_signature(self.peer_pubkey_der, sig, data):
             raise AuthFailed("auth failed: bad signature for the peer's node key")
@@ -218,8 +244,6 @@ class Handshake:
             raise AuthFailed("auth failed: node id does not match the public key")
         if node_id == self._identity.node_id:
             raise AuthFailed("connected to ourselves")
-        if self._peer_tls_pubkey_der is not None and pubkey != self._peer_tls_pubkey_der:
-            raise AuthFailed("auth failed: the TLS certificate does not carry the node key")
         self._peer_hello = payload
         self.peer_pubkey_der = pubkey
         self.peer_id = node_id

@@ -12,7 +12,7 @@ Public API::
 
 The node id is the first 8 bytes of SHA-256 over the public key's
 SubjectPublicKeyInfo DER, so nobody can claim an id without holding the key
-(auth.py checks it). Every unreadable or inconsistent state file raises
+(core/handshake.py checks it). Every unreadable or inconsistent state file raises
 :class:`IdentityError` naming the file and what to do; nothing is silently
 overwritten except a *missing* certificate, which is derived data.
 """

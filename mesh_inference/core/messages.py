@@ -5,7 +5,7 @@ Public API:
 - frozen dataclasses :class:`NodeInfo`, :class:`MemberRecord`,
   :class:`Heartbeat`, :class:`Gossip`, :class:`Goodbye`,
   :class:`ErrorMessage`, :class:`OpenTunnel`, :class:`TaskHead`,
-  :class:`ResultHead`; ``Message`` is their union (without ``NodeInfo`` and
+  :class:`ResultHead`, :class:`Credit`; ``Message`` is their union (without ``NodeInfo`` and
   ``MemberRecord``, which only travel inside a :class:`Gossip`);
 - ``encode_payload(msg) -> bytes``: UTF-8 JSON; raises ``ValueError`` if the
   message would not pass :func:`decode_payload` on the other side (a bug
@@ -16,14 +16,16 @@ Public API:
   wrong types, out-of-range numbers, over-long strings or lists);
 - ``message_type(msg) -> MessageType``: the frame type that carries ``msg``.
 
-Hello/Proof/Welcome belong to ``auth.py``; Body frames are raw bytes. Keys
+Hello/Proof/Welcome belong to ``handshake.py``; Body frames are raw bytes. Keys
 this version does not know are ignored, so a newer peer may add fields.
 
 Wire shapes (see DESIGN.md): Heartbeat ``{"inc"}``; Gossip ``{"records":
 [{"info": {NodeInfo…}, "inc", "status"}…]}``; Goodbye/Error ``{"reason"}``;
 OpenTunnel ``{"service"}``; Task ``{"method","path","headers"}`` and Result
 ``{"status","headers"}`` where headers is a list of ``[name, value]`` pairs
-(an object could not carry repeated header names).
+(an object could not carry repeated header names); Credit ``{"s": stream id,
+"n": bytes}`` (the receiver of stream ``s`` consumed ``n`` more bytes, so its
+sender may have that much more in flight; handled inside the peer session).
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ __all__ = [
     "MAX_HEADERS",
     "MAX_INCARNATION",
     "MAX_RECORDS",
+    "MAX_STREAM_ID",
     "ROLES",
     "STATUSES",
+    "Credit",
     "ErrorMessage",
     "Goodbye",
     "Gossip",
@@ -78,6 +82,8 @@ MAX_SERVICE = 32
 MAX_ENGINE_STATE = 32
 MAX_MEMORY = 1 << 60  # 1 EiB: anything bigger is a bug or a lie
 MAX_INCARNATION = (1 << 63) - 1
+MAX_STREAM_ID = (1 << 62) - 1  # QUIC stream ids are 62-bit
+MAX_CREDIT = 1 << 40  # far beyond any window; a bigger grant is a bug or a lie
 
 ROLES = ("member", "client")
 STATUSES = ("alive", "suspect", "dead", "left")
@@ -165,7 +171,17 @@ class ResultHead:
     headers: tuple[tuple[str, str], ...]
 
 
-Message = Heartbeat | Gossip | Goodbye | ErrorMessage | OpenTunnel | TaskHead | ResultHead
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """The receiver of ``stream_id`` consumed ``n`` more bytes of it (control stream)."""
+
+    stream_id: int
+    n: int
+
+
+Message = (
+    Heartbeat | Gossip | Goodbye | ErrorMessage | OpenTunnel | TaskHead | ResultHead | Credit
+)
 
 _TYPES: dict[type[Any], MessageType] = {
     Heartbeat: MessageType.HEARTBEAT,
@@ -175,6 +191,7 @@ _TYPES: dict[type[Any], MessageType] = {
     OpenTunnel: MessageType.OPEN_TUNNEL,
     TaskHead: MessageType.TASK,
     ResultHead: MessageType.RESULT,
+    Credit: MessageType.CREDIT,
 }
 
 
@@ -222,6 +239,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
         return {"method": msg.method, "path": msg.path, "headers": [list(h) for h in msg.headers]}
     if isinstance(msg, ResultHead):
         return {"status": msg.status, "headers": [list(h) for h in msg.headers]}
+    if isinstance(msg, Credit):
+        return {"s": msg.stream_id, "n": msg.n}
     raise TypeError(f"not a DCF message: {type(msg).__name__}")
 
 
@@ -441,6 +460,10 @@ def _result(o: _Obj) -> ResultHead:
     )
 
 
+def _credit(o: _Obj) -> Credit:
+    return Credit(o.int_("s", 0, MAX_STREAM_ID), o.int_("n", 1, MAX_CREDIT))
+
+
 _DECODERS: dict[MessageType, Callable[[_Obj], Message]] = {
     MessageType.HEARTBEAT: _heartbeat,
     MessageType.GOSSIP: _gossip,
@@ -449,6 +472,7 @@ _DECODERS: dict[MessageType, Callable[[_Obj], Message]] = {
     MessageType.OPEN_TUNNEL: _open_tunnel,
     MessageType.TASK: _task,
     MessageType.RESULT: _result,
+    MessageType.CREDIT: _credit,
 }
 
 

@@ -4,6 +4,8 @@ Public API::
 
     ident = load_or_create_identity(state_dir)      # node.key (0600 PEM) + node.crt
     mesh = load_or_create_mesh(state_dir, token)    # mesh.json (0600)
+    token = load_or_create_console_token(state_dir) # console-token (0600)
+    read_console_token(state_dir)                   # the same, or None: never creates
     write_private_file(path, data)                  # 0600 from creation, atomic
 
 Every file holding a secret is created with mode 0600 by ``open`` itself,
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +41,11 @@ from mesh_inference.core.identity import (
 
 if TYPE_CHECKING:
     from mesh_inference.core.jointoken import JoinToken
+
+
+CONSOLE_TOKEN_FILE = "console-token"
+# What a console token looks like (secrets.token_urlsafe): safe in a URL and in a cookie.
+CONSOLE_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{32,512}")
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -174,3 +183,34 @@ def load_or_create_mesh(
     body = json.dumps({"mesh_id": creds.mesh_id, "secret": creds.secret.hex()}).encode()
     _write_atomic(path, body, 0o600)
     return creds
+
+
+def load_or_create_console_token(state_dir: Path) -> str:
+    """The console login token, from ``<state-dir>/console-token``; a new one if absent.
+
+    32 random bytes, URL-safe base64. It is kept across restarts so a console
+    tab stays logged in; delete the file to log every browser out.
+    """
+    _prepare_dir(state_dir)
+    path = state_dir / CONSOLE_TOKEN_FILE
+    if not path.exists():
+        token = secrets.token_urlsafe(32)
+        write_private_file(path, (token + "\n").encode())
+        return token
+    token = _read_state_file(path).decode("ascii", errors="replace").strip()
+    if not CONSOLE_TOKEN_RE.fullmatch(token):
+        raise IdentityError(
+            f"{path} does not hold a console token (32-512 characters of A-Z a-z 0-9 _ -); "
+            "delete it and a new one is created"
+        )
+    return token
+
+
+def read_console_token(state_dir: Path) -> str | None:
+    """The console token if ``<state-dir>/console-token`` holds one (for clients of a node)."""
+    try:
+        token = _read_state_file(state_dir / CONSOLE_TOKEN_FILE)
+    except IdentityError:
+        return None
+    text = token.decode("ascii", errors="replace").strip()
+    return text if CONSOLE_TOKEN_RE.fullmatch(text) else None

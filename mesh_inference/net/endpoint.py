@@ -1,9 +1,9 @@
-"""The QUIC endpoint (aioquic): accept and dial peers, authenticate, carry streams.
+"""The QUIC endpoint: the asyncio edge around PeerSession (core/session.py).
 
 Public API::
 
     ep = MeshEndpoint(identity, mesh, host="0.0.0.0", port=0, max_datagram_size=1452,
-                      idle_timeout=15.0, handshake_timeout=10.0,
+                      idle_timeout=15.0, handshake_timeout=5.0, max_handshaking=64,
                       on_peer_connected=f(PeerConnection),
                       on_peer_lost=f(peer_id, reason),
                       on_control_frame=f(peer_id, Frame),
@@ -15,38 +15,41 @@ Public API::
     reader, writer = await ep.open_stream_raw(peer_id)   # the caller writes the first frame
     ep.disconnect(peer_id, reason); ep.peers(); ep.peer_connection(peer_id) -> PeerConnection
     PeerConnection(peer_id, pubkey_der, remote_address, dialed_by_us)
-    ep.rtt(peer_id) -> float | None                  # smoothed RTT in seconds
+    ep.rtt(peer_id) -> float | None                  # smoothed RTT in seconds (QUIC PINGs)
     await ep.close()
 
-One UDP socket both accepts and dials (peers see a single address per
-node, one port to open in a firewall); datagrams are routed to connections
-by their destination connection id. Only a dial to another address family
-than the socket's gets a socket of its own.
+Everything about a connection -- QUIC, handshake, streams, credit,
+deadlines -- is the sans-I/O ``PeerSession``; this module only moves
+datagrams, feeds ``loop.time()`` in, arms one timer per session and turns
+session events into callbacks and (StreamReader, QuicStreamWriter) pairs.
 
-One authenticated connection per peer. Stream 0 (the dialer's first
-bidirectional stream) is the *control stream*: DCF frames, first the
-handshake (auth.py), then Heartbeat/Gossip/Goodbye/… passed through
-opaquely to ``on_control_frame``. Every other stream starts with one DCF
-frame saying what it is (OpenTunnel or Task); the endpoint decodes that
-frame and passes it to ``on_stream`` with a reader that yields the bytes
-after it. When both sides dialed, the connection dialed by the smaller node
-id is kept (or the new one, if the old one has been silent for
-``STALE_AFTER``: the peer restarted).
+One UDP socket both accepts and dials (peers see a single address per
+node, one port to open in a firewall); datagrams are routed to sessions by
+destination connection id. Only a dial to another address family than the
+socket's gets a socket of its own. At most ``max_handshaking`` connections
+may be unauthenticated at once; Initial packets beyond that are dropped.
+
+One authenticated connection per peer. When both sides dialed, the
+connection dialed by the smaller node id is kept (or the new one, if the
+old one has been silent for ``STALE_AFTER``: the peer restarted); the other
+refuses streams and is closed as a duplicate. A peer that closes our kept
+connection as *its* duplicate is only reported lost if no other connection
+to it authenticates within ``handshake_timeout``.
 
 Callbacks run from the event loop in the order things happened, never
 re-entrantly from inside a call into the endpoint (e.g. ``disconnect()``
-reports ``on_peer_lost`` a moment later). A peer's bad behaviour -- data
-streams before authentication, an unknown first frame, a DCF protocol error
-on the control stream, a stalled handshake -- closes that connection with
-the reason logged; it never breaks the endpoint.
+reports ``on_peer_lost`` a moment later). A peer's bad behaviour closes
+that connection with the reason logged; it never breaks the endpoint.
 
 ``QuicStreamWriter`` mimics asyncio.StreamWriter: ``write`` sends at once
-(llama.cpp RPC is latency-bound), ``drain`` waits while more than
-``HIGH_WATER`` bytes are unsent or unacknowledged, ``write_eof`` sends FIN
-(half-close), ``close`` resets the stream unless FIN was sent. Writing to a
-stream whose connection or peer went away raises ConnectionResetError.
-Receive-side memory is not bounded by QUIC flow control (aioquic doubles a
-window as data arrives), so stream handlers must keep reading.
+(llama.cpp RPC is latency-bound) as far as the stream's credit allows and
+queues the rest; ``drain`` waits until nothing is queued (the receiver
+consumed enough); ``write_eof`` sends FIN after the queue (half-close);
+``close`` resets the stream unless FIN was asked for; ``wait_closed`` waits
+until the stream is finished both ways. Writing to a stream whose
+connection or peer went away raises ConnectionResetError. Readers grant
+credit as the application reads, so a peer can make us buffer at most
+``STREAM_WINDOW`` per stream.
 """
 
 from __future__ import annotations
@@ -55,64 +58,56 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from aioquic._buffer import Buffer
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.quic import events
-from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+# The public module (aioquic's own server imports it from here); mypy misses the re-export.
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
-from cryptography.hazmat.primitives import serialization
 
-from mesh_inference.core.dcf import (
-    HEADER,
-    HEADER_SIZE,
-    Frame,
-    FrameDecoder,
-    FrameEncoder,
-    MessageType,
-    ProtocolError,
-)
-from mesh_inference.core.dcf import encode_frame as _encode_frame
-from mesh_inference.core.handshake import AuthFailed, Handshake
+from mesh_inference.core import session as s
+from mesh_inference.core.dcf import Frame, MessageType
 from mesh_inference.core.identity import MeshCredentials, NodeIdentity
 from mesh_inference.core.jointoken import InvalidJoinToken, format_addr, parse_addr
+from mesh_inference.core.session import (
+    ALPN,
+    CID_LENGTH,
+    ERR_AUTH,
+    ERR_DUPLICATE,
+    ERR_INTERNAL,
+    ERR_NONE,
+    ERR_PROTOCOL,
+    HANDSHAKE_TIMEOUT,
+    STREAM_WINDOW,
+    PeerSession,
+)
+
+__all__ = [
+    "ALPN",
+    "ERR_AUTH",
+    "ERR_DUPLICATE",
+    "ERR_INTERNAL",
+    "ERR_NONE",
+    "ERR_PROTOCOL",
+    "HANDSHAKE_TIMEOUT",
+    "STREAM_WINDOW",
+    "DialError",
+    "MeshEndpoint",
+    "PeerConnection",
+    "QuicStreamWriter",
+    "UnknownPeer",
+]
 
 log = logging.getLogger(__name__)
 
-ALPN = "mesh-inference/1"
-CONTROL_STREAM = 0
-# A writer's drain() waits while more than this is unsent or unacknowledged.
-HIGH_WATER = 1 << 20
-# Initial flow-control windows (aioquic doubles them as data arrives): wide
-# enough that model loading is never window-bound.
-MAX_DATA = 64 << 20
-MAX_STREAM_DATA = 16 << 20
-MAX_FIRST_FRAME = 64 << 10
-MAX_STREAMS_PER_PEER = 256
-# The dialer may see the acceptor's first streams before the Welcome frame
-# (different streams are not ordered); it holds at most this much meanwhile.
-MAX_PREAUTH_BUFFER = 1 << 20
 MAX_HANDSHAKING = 64
-HANDSHAKE_TIMEOUT = 10.0
 STALE_AFTER = 3.0
 SOCKET_BUFFER = 4 << 20
-CID_LENGTH = 8
-_HANDSHAKE_TYPES = frozenset({MessageType.HELLO, MessageType.PROOF, MessageType.WELCOME})
-_STREAM_TYPES = frozenset({MessageType.OPEN_TUNNEL, MessageType.TASK})
-
-# Application error codes in CONNECTION_CLOSE.
-ERR_NONE = 0x0
-ERR_PROTOCOL = 0x1
-ERR_AUTH = 0x2
-ERR_DUPLICATE = 0x3
-ERR_INTERNAL = 0x4
 
 
 class DialError(ConnectionError):
@@ -123,23 +118,10 @@ class UnknownPeer(KeyError):
     """No open connection to that peer."""
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
-
-
-def _spki_of_cert(cert: Any) -> bytes:
-    return cast(
-        bytes,
-        cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
-    )
-
-
 @dataclass(frozen=True)
 class PeerConnection:
     peer_id: str
-    pubkey_der: bytes  # the key the peer proved in the handshake (= its certificate key)
+    pubkey_der: bytes  # the key the peer proved in the handshake
     remote_address: str  # "host:port" / "[v6]:port"
     dialed_by_us: bool
 
@@ -147,19 +129,81 @@ class PeerConnection:
 StreamHandler = Callable[[str, Frame, asyncio.StreamReader, "QuicStreamWriter"], Awaitable[None]]
 
 
-class QuicStreamWriter:
-    """asyncio.StreamWriter's interface over one QUIC stream, with real backpressure."""
+class _CreditReader(asyncio.StreamReader):
+    """A StreamReader that reports what the application took, so the sender gets credit."""
 
-    def __init__(self, conn: _PeerProtocol, stream_id: int) -> None:
+    def __init__(self, on_consumed: Callable[[int], None]) -> None:
+        super().__init__()
+        self._on_consumed = on_consumed
+        self._depth = 0  # read(-1) calls read(n): count the outermost call only
+
+    def _took(self, n: int) -> None:
+        if self._depth == 0 and n:
+            self._on_consumed(n)
+
+    async def read(self, n: int = -1) -> bytes:
+        self._depth += 1
+        try:
+            data = await super().read(n)
+        finally:
+            self._depth -= 1
+        self._took(len(data))
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        self._depth += 1
+        try:
+            data = await super().readexactly(n)
+        except asyncio.IncompleteReadError as exc:
+            self._depth -= 1
+            self._took(len(exc.partial))
+            raise
+        except BaseException:
+            self._depth -= 1
+            raise
+        self._depth -= 1
+        self._took(len(data))
+        return data
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:  # bytes, or a tuple of them
+        self._depth += 1
+        try:
+            data = await super().readuntil(separator)
+        except asyncio.IncompleteReadError as exc:
+            self._depth -= 1
+            self._took(len(exc.partial))
+            raise
+        except BaseException:
+            self._depth -= 1
+            raise
+        self._depth -= 1
+        self._took(len(data))
+        return data
+
+    async def readline(self) -> bytes:
+        self._depth += 1
+        try:
+            data = await super().readline()
+        finally:
+            self._depth -= 1
+        self._took(len(data))
+        return data
+
+
+class QuicStreamWriter:
+    """asyncio.StreamWriter's interface over one QUIC stream, with credit-based backpressure."""
+
+    def __init__(self, conn: _Conn, stream_id: int) -> None:
         self._conn = conn
         self.stream_id = stream_id
         self._fin_sent = False
         self._closed = False
         self._peer_stopped = False
+        self._waiters: list[asyncio.Future[None]] = []
 
     def _raise_if_unwritable(self) -> None:
-        if self._conn.closing:
-            raise ConnectionResetError(f"connection closed: {self._conn.close_reason}")
+        if self._conn.session.closed:
+            raise ConnectionResetError(f"connection closed: {self._conn.session.close_reason}")
         if self._peer_stopped:
             raise ConnectionResetError("the peer stopped reading this stream")
         if self._closed:
@@ -167,62 +211,60 @@ class QuicStreamWriter:
         if self._fin_sent:
             raise ConnectionResetError("stream was half-closed (write_eof)")
 
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _wait(self) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._raise_if_unwritable()
-        if not data:
-            return
-        try:
-            self._conn._quic.send_stream_data(
-                self.stream_id, data if isinstance(data, bytes) else bytes(data)
-            )
-        except (RuntimeError, ValueError) as exc:  # reset underneath us, or no longer writable
-            raise ConnectionResetError(f"stream {self.stream_id}: {exc}") from None
-        self._conn.transmit()
+        if data:
+            self._conn.session.send_data(self.stream_id, bytes(data))
+            self._conn.pump()
 
-    def _unacked(self) -> int:
-        stream = self._conn._quic._streams.get(self.stream_id)
-        if stream is None:
-            return 0
-        sender = stream.sender
-        return sender._buffer_stop - sender._buffer_start
+    def blocked_bytes(self) -> int:
+        """Bytes written but waiting for the receiver's credit."""
+        return self._conn.session.blocked_bytes(self.stream_id)
 
     async def drain(self) -> None:
         while True:
-            if self._conn.closing or self._peer_stopped:
+            if self._conn.session.closed or self._peer_stopped:
                 self._raise_if_unwritable()
-            if self._closed or self._unacked() <= HIGH_WATER:
+            if self._closed or self.blocked_bytes() == 0:
                 return
-            await self._conn.wait_for_acks()
+            await self._wait()
 
     def can_write_eof(self) -> bool:
         return True
 
     def write_eof(self) -> None:
-        if self._fin_sent or self._closed or self._peer_stopped or self._conn.closing:
+        if self._fin_sent or self._closed or self._peer_stopped or self._conn.session.closed:
             return
         self._fin_sent = True
-        with contextlib.suppress(RuntimeError, ValueError):
-            self._conn._quic.send_stream_data(self.stream_id, b"", end_stream=True)
-        self._conn.transmit()
-        self._conn._maybe_forget(self.stream_id)
+        with contextlib.suppress(ConnectionError):
+            self._conn.session.end_stream(self.stream_id)
+        self._conn.pump()
 
     def is_closing(self) -> bool:
-        return self._closed or self._peer_stopped or self._conn.closing
+        return self._closed or self._peer_stopped or self._conn.session.closed
 
     def close(self) -> None:
         """Reset the send side unless FIN went out; stop the peer sending if it has not ended."""
         if self._closed:
             return
         self._closed = True
-        self._conn._close_stream(self.stream_id, reset=not self._fin_sent)
+        self._conn.close_stream(self.stream_id)
 
     async def wait_closed(self) -> None:
-        """Wait until the peer acknowledged our FIN or reset (or the connection ended)."""
-        while not self._conn.closing:
-            stream = self._conn._quic._streams.get(self.stream_id)
-            if stream is None or stream.sender.is_finished:
-                return
-            await self._conn.wait_for_acks()
+        """Wait until the stream is finished both ways (or the connection ended)."""
+        while not self._conn.session.closed and self._conn.session.has_stream(self.stream_id):
+            await self._wait()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "stream_id":
@@ -235,353 +277,111 @@ class QuicStreamWriter:
 
 
 @dataclass
-class _Stream:
-    reader: asyncio.StreamReader
+class _StreamIO:
+    reader: _CreditReader
     writer: QuicStreamWriter
     recv_done: bool = False  # FIN or reset received
 
 
-class _PeerProtocol(QuicConnectionProtocol):
-    """One connection: handshake on the control stream, then frames and data streams."""
+class _Conn:
+    """The asyncio side of one PeerSession: socket, timer, stream objects, dial future."""
 
     def __init__(
-        self,
-        quic: QuicConnection,
-        endpoint: MeshEndpoint,
-        *,
-        dialer: bool,
-        remote_address: str,
-        sock: _UdpSocket,
+        self, endpoint: MeshEndpoint, session: PeerSession, sock: _UdpSocket, remote: str
     ) -> None:
-        super().__init__(quic)
         self.endpoint = endpoint
-        self.dialer = dialer
-        self.remote_address = remote_address
+        self.session = session
         self.sock = sock
+        self.remote_address = remote
+        self.loop = asyncio.get_running_loop()
+        self.last_rx = self.loop.time()
         self.peer: PeerConnection | None = None
-        self.authed = False
-        self.closing = False
-        self.closed = False
-        self.close_reason = ""
-        self.superseded = False
-        self.last_rx = self._loop.time()
-        # The dialer's handshake starts once TLS is up: it needs the certificate key.
-        self._handshake: Handshake | None = (
-            None if dialer else Handshake(endpoint.identity, endpoint.mesh, is_dialer=False)
-        )
-        self._ctl_encoder = FrameEncoder()
-        self._ctl_decoder = FrameDecoder()
-        self._streams: dict[int, _Stream] = {}
-        self._pending: dict[int, bytearray] = {}  # inbound streams before their first frame
-        self._pending_ended: set[int] = set()
-        self._pending_bytes = 0
-        self._done_streams: set[int] = set()  # peer streams we already finished with
-        self._ack_waiters: list[asyncio.Future[None]] = []
-        self.authenticated: asyncio.Future[PeerConnection] = self._loop.create_future()
-        self._auth_timer = self._loop.call_later(
-            endpoint.handshake_timeout, self._handshake_timed_out
-        )
+        self.streams: dict[int, _StreamIO] = {}
+        self.authenticated: asyncio.Future[PeerConnection] = self.loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._pumping = False
+        self.dropped = False
+
+    @property
+    def dialer(self) -> bool:
+        return self.session.is_dialer
 
     def describe(self) -> str:
         return f"{self.peer.peer_id} ({self.remote_address})" if self.peer else self.remote_address
 
-    # -- I/O hooks
-    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
-        if self.closed:
+    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+        self.last_rx = self.loop.time()
+        self.session.receive_datagram(data, addr, self.last_rx)
+        self.pump()
+
+    def _on_timer(self) -> None:
+        now = max(self._timer_at or 0.0, self.loop.time())
+        self._timer = self._timer_at = None
+        self.session.handle_timer(now)
+        self.pump()
+
+    def pump(self) -> None:
+        """Send what the session has to send, act on its events, re-arm its timer."""
+        if self._pumping:  # an event handler called back in: the outer loop sends it
             return
-        self.last_rx = self._loop.time()
-        super().datagram_received(data, addr)
-        self._after_io()
-
-    def _handle_timer(self) -> None:
-        super()._handle_timer()
-        self._after_io()
-
-    def transmit(self) -> None:
-        if self.closed or self.sock.transport is None or self.sock.transport.is_closing():
-            return
-        super().transmit()
-
-    def _after_io(self) -> None:
-        # ACKs carry no event: wake drain() after every datagram.
-        waiters, self._ack_waiters = self._ack_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-        close_event = getattr(self._quic, "_close_event", None)
-        if not self.closing and close_event is not None:
-            # The peer closed: report it now, not after aioquic's draining period.
-            code = close_event.error_code
-            self._begin_close(close_event.reason_phrase or f"closed (error {code})")
-
-    async def wait_for_acks(self) -> None:
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._ack_waiters.append(fut)
-        await fut
-
-    # -- events
-    def quic_event_received(self, event: events.QuicEvent) -> None:
-        if isinstance(event, events.ConnectionTerminated):
-            self._on_terminated(event.reason_phrase or f"closed (error {event.error_code})")
-            return
-        if self.closing:
-            return
+        self._pumping = True
         try:
-            if isinstance(event, events.StreamDataReceived):
-                self._on_stream_data(event.stream_id, event.data, event.end_stream)
-            elif isinstance(event, events.StreamReset):
-                self._on_stream_reset(event.stream_id)
-            elif isinstance(event, events.StopSendingReceived):
-                self._on_stop_sending(event.stream_id)
-            elif isinstance(event, events.HandshakeCompleted) and self.dialer:
-                self._start_dialer_handshake()
-        except AuthFailed as exc:
-            self.fail(ERR_AUTH, exc.reason)
-        except ProtocolError as exc:
-            self.fail(ERR_PROTOCOL, f"protocol error: {exc}")
-        except Exception as exc:  # a bug must cost one connection, not the endpoint
-            log.exception("internal error on connection to %s", self.describe())
-            self.fail(ERR_INTERNAL, f"internal error: {exc!r}")
-
-    def _start_dialer_handshake(self) -> None:
-        cert = getattr(self._quic.tls, "_peer_certificate", None)
-        if cert is None:
-            raise AuthFailed("auth failed: the peer presented no TLS certificate")
-        self._handshake = Handshake(
-            self.endpoint.identity,
-            self.endpoint.mesh,
-            is_dialer=True,
-            peer_tls_pubkey_der=_spki_of_cert(cert),
-        )
-        self._flush_handshake()
-
-    def _flush_handshake(self) -> None:
-        assert self._handshake is not None
-        for mtype, payload in self._handshake.pop_frames():
-            self._send_control_frame(mtype, payload)
-
-    def _send_control_frame(self, mtype: MessageType, payload: bytes) -> None:
-        data = self._ctl_encoder.encode(mtype, payload, _now_us())
-        self._quic.send_stream_data(CONTROL_STREAM, data)
-        self.transmit()
-
-    def send_control(self, mtype: MessageType, payload: bytes) -> None:
-        if self.closing or not self.authed:
-            raise ConnectionResetError(f"connection to {self.describe()} is not open")
-        if mtype in _HANDSHAKE_TYPES:
-            raise ValueError(f"{mtype.name} belongs to the handshake")
-        self._send_control_frame(mtype, payload)
-
-    def _on_control_data(self, data: bytes, end: bool) -> None:
-        if end:
-            raise ProtocolError("the peer closed the control stream")
-        for frame in self._ctl_decoder.feed(data):
-            if self.closing:
-                return
-            if not self.authed:
-                if self._handshake is None:
-                    raise ProtocolError("control frame before the TLS handshake completed")
-                self._handshake.handle_frame(frame)
-                self._flush_handshake()
-                if self._handshake.complete:
-                    self._on_authenticated()
-            elif frame.type in _HANDSHAKE_TYPES:
-                raise ProtocolError(f"{frame.type.name} after the handshake")
-            else:
-                self.endpoint._deliver_control(self, frame)
-
-    def _on_authenticated(self) -> None:
-        hs = self._handshake
-        assert hs is not None and hs.peer_id is not None and hs.peer_pubkey_der is not None
-        self._auth_timer.cancel()
-        self.authed = True
-        self.peer = PeerConnection(hs.peer_id, hs.peer_pubkey_der, self.remote_address, self.dialer)
-        # Resolved first: if this turns out a duplicate, the peer is still connected.
-        if not self.authenticated.done():
-            self.authenticated.set_result(self.peer)
-        self.endpoint._on_authenticated(self)
-        for sid in sorted(self._pending):
-            if self.closing:
-                break
-            self._try_open_stream(sid)
-
-    def _is_local(self, sid: int) -> bool:
-        return (sid & 1) == (0 if self.dialer else 1)
-
-    def _on_stream_data(self, sid: int, data: bytes, end: bool) -> None:
-        if sid == CONTROL_STREAM:
-            self._on_control_data(data, end)
+            # Events first, so that what handlers queue goes out in the same batch;
+            # sending can raise events again (new connection ids).
+            while True:
+                while (event := self.session.next_event()) is not None:
+                    self.endpoint._on_event(self, event)
+                for data, addr in self.session.datagrams_to_send(self.loop.time()):
+                    self.sock.sendto(data, addr)
+                event = self.session.next_event()
+                if event is None:
+                    break
+                self.endpoint._on_event(self, event)
+        finally:
+            self._pumping = False
+        if self.dropped:
             return
-        st = self._streams.get(sid)
-        if st is not None:
-            if data:
-                st.reader.feed_data(data)
-            if end:
-                st.recv_done = True
-                st.reader.feed_eof()
-                self._maybe_forget(sid)
+        if self.session.terminated:
+            self.endpoint._drop(self)
             return
-        if sid in self._done_streams or self._is_local(sid):
-            return  # a stream we already closed: its late data has nowhere to go
-        if sid & 2:
-            raise ProtocolError("unidirectional streams are not used")
-        if not self.authed and not (self.dialer and self._handshake is not None):
-            raise ProtocolError("data stream opened before authentication")
-        buf = self._pending.get(sid)
-        if buf is None:
-            if len(self._streams) + len(self._pending) >= MAX_STREAMS_PER_PEER:
-                raise ProtocolError(f"more than {MAX_STREAMS_PER_PEER} concurrent streams")
-            buf = self._pending[sid] = bytearray()
-        buf += data
-        self._pending_bytes += len(data)
-        if end:
-            self._pending_ended.add(sid)
-        if self.authed:
-            self._try_open_stream(sid)
-        elif self._pending_bytes > MAX_PREAUTH_BUFFER:
-            raise ProtocolError("too much stream data before the handshake completed")
+        timer_at = self.session.get_timer()
+        if self._timer is not None and self._timer_at != timer_at:
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None and timer_at is not None:
+            self._timer = self.loop.call_at(timer_at, self._on_timer)
+        self._timer_at = timer_at
 
-    def _try_open_stream(self, sid: int) -> None:
-        buf = self._pending[sid]
-        ended = sid in self._pending_ended
-        size = HEADER_SIZE
-        if len(buf) >= HEADER_SIZE:
-            # Check the length before waiting for the payload: never buffer a hostile size.
-            length = int(HEADER.unpack_from(buf)[3])
-            if length > MAX_FIRST_FRAME:
-                raise ProtocolError(f"first frame of stream {sid} is {length} B")
-            size += length
-        if len(buf) < size:
-            if ended:
-                raise ProtocolError(f"stream {sid} ended inside its first frame")
-            return
-        first = FrameDecoder(max_payload=MAX_FIRST_FRAME).feed(bytes(buf[:size]))[0]
-        if first.type not in _STREAM_TYPES:
-            raise ProtocolError(f"stream {sid} opened with {first.type.name}")
-        del self._pending[sid]
-        self._pending_ended.discard(sid)
-        self._pending_bytes -= len(buf)
-        reader = asyncio.StreamReader()
-        writer = QuicStreamWriter(self, sid)
-        st = self._streams[sid] = _Stream(reader, writer)
-        # The rest belongs to the stream's own protocol (raw tunnel bytes, Body frames).
-        if len(buf) > size:
-            reader.feed_data(bytes(buf[size:]))
-        if ended:
-            st.recv_done = True
-            reader.feed_eof()
-        assert self.peer is not None
-        self.endpoint._spawn_handler(self.peer.peer_id, first, reader, writer)
-
-    def _on_stream_reset(self, sid: int) -> None:
-        if self._pending.pop(sid, None) is not None:
-            self._pending_ended.discard(sid)
-            self._done_streams.add(sid)
-            return
-        st = self._streams.get(sid)
-        if st is None:
-            if not self._is_local(sid):
-                self._done_streams.add(sid)
-            return
-        if st.recv_done:
-            return
-        st.recv_done = True
-        st.reader.set_exception(ConnectionResetError("stream reset by the peer"))
-        self._maybe_forget(sid)
-
-    def _on_stop_sending(self, sid: int) -> None:
-        # aioquic answers STOP_SENDING with a reset of our send side by itself.
-        st = self._streams.get(sid)
-        if st is not None:
-            st.writer._peer_stopped = True
-            self._maybe_forget(sid)
-        self._after_io()
-
-    # -- streams
-    def open_stream(self) -> tuple[asyncio.StreamReader, QuicStreamWriter]:
-        if self.closing or not self.authed:
-            raise ConnectionResetError(f"connection to {self.describe()} is not open")
-        sid = self._quic.get_next_available_stream_id()
-        # Create it now, so the next open_stream() gets another id even before any write.
-        self._quic.send_stream_data(sid, b"")
-        reader = asyncio.StreamReader()
-        writer = QuicStreamWriter(self, sid)
-        self._streams[sid] = _Stream(reader, writer)
-        return reader, writer
-
-    def _maybe_forget(self, sid: int) -> None:
-        st = self._streams.get(sid)
-        if st is None or not st.recv_done:
-            return
-        w = st.writer
-        if w._fin_sent or w._closed or w._peer_stopped:
-            self._forget(sid)
-
-    def _forget(self, sid: int) -> None:
-        if self._streams.pop(sid, None) is not None and not self._is_local(sid):
-            self._done_streams.add(sid)
-            if len(self._done_streams) > 1024:
-                # Streams aioquic has discarded produce no more events.
-                self._done_streams &= set(self._quic._streams)
-
-    def _close_stream(self, sid: int, *, reset: bool) -> None:
-        st = self._streams.get(sid)
-        if not self.closing:
-            with contextlib.suppress(RuntimeError, ValueError):
-                if reset:
-                    self._quic.reset_stream(sid, ERR_NONE)
-                if st is not None and not st.recv_done:
-                    self._quic.stop_stream(sid, ERR_NONE)
-            self.transmit()
-        if st is not None and not st.recv_done:
-            st.recv_done = True
-            st.reader.feed_eof()  # like a closed asyncio transport
-        self._forget(sid)
-
-    # -- closing
-    def fail(self, code: int, reason: str, *, level: int = logging.WARNING) -> None:
-        if self.closing:
-            return
-        log.log(level, "closing connection to %s: %s", self.describe(), reason)
-        self._begin_close(reason)
-        self.close(error_code=code, reason_phrase=reason[:200])
-
-    def _handshake_timed_out(self) -> None:
-        if not self.authed:
-            self.fail(ERR_AUTH, "handshake timed out")
-
-    def _begin_close(self, reason: str) -> None:
-        if self.closing:
-            return
-        self.closing = True
-        self.close_reason = reason
-        self._auth_timer.cancel()
-        for st in self._streams.values():
-            if not st.recv_done:
-                st.recv_done = True
-                st.reader.set_exception(ConnectionResetError(f"connection closed: {reason}"))
-        self._pending.clear()
-        self._after_io()
-        if not self.authenticated.done():
-            self.authenticated.set_exception(DialError(reason))
-            self.authenticated.exception()  # retrieved: dial() reports it, if anyone dialed
-        self.endpoint._on_closing(self)
-
-    def _on_terminated(self, reason: str) -> None:
-        self._begin_close(reason)
-        if self.closed:
-            return
-        self.closed = True
+    def stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.endpoint._on_closed(self)
 
-    def rtt(self) -> float | None:
-        recovery = getattr(self._quic, "_loss", None)
-        if recovery is None or not getattr(recovery, "_rtt_initialized", False):
-            return None
-        return float(recovery._rtt_smoothed)
+    def fail(self, code: int, reason: str, *, level: int = logging.WARNING) -> None:
+        if self.session.closed:
+            return
+        log.log(level, "closing connection to %s: %s", self.describe(), reason)
+        self.session.close(reason, code)
+        self.pump()
+
+    def new_stream(self, sid: int) -> tuple[_CreditReader, QuicStreamWriter]:
+        def consumed(n: int) -> None:
+            if not self.session.closed and self.session.consumed(sid, n):
+                self.pump()  # a Credit frame is due
+
+        io = _StreamIO(_CreditReader(consumed), QuicStreamWriter(self, sid))
+        self.streams[sid] = io
+        return io.reader, io.writer
+
+    def close_stream(self, sid: int) -> None:
+        io = self.streams.get(sid)
+        if io is not None and not io.recv_done:
+            io.recv_done = True
+            io.reader.feed_eof()  # like a closed asyncio transport
+        if not self.session.closed:
+            self.session.close_stream(sid)
+            self.pump()
 
 
 class _UdpSocket(asyncio.DatagramProtocol):
@@ -591,8 +391,8 @@ class _UdpSocket(asyncio.DatagramProtocol):
         self._endpoint = endpoint
         self._accept = accept
         self.transport: asyncio.DatagramTransport | None = None
-        self._by_cid: dict[bytes, _PeerProtocol] = {}
-        self.protocols: set[_PeerProtocol] = set()
+        self.by_cid: dict[bytes, _Conn] = {}
+        self.conns: set[_Conn] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -606,16 +406,20 @@ class _UdpSocket(asyncio.DatagramProtocol):
         self.transport = None
 
     def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable, ...): the connection's own timers decide.
+        # ICMP errors (port unreachable, ...): the sessions' own timers decide.
         log.debug("udp error: %s", exc)
+
+    def sendto(self, data: bytes, addr: NetworkAddress) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(data, addr)
 
     def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
             return
-        proto = self._by_cid.get(header.destination_cid)
-        if proto is None:
+        conn = self.by_cid.get(header.destination_cid)
+        if conn is None:
             if not (
                 self._accept
                 and header.packet_type == QuicPacketType.INITIAL
@@ -623,31 +427,20 @@ class _UdpSocket(asyncio.DatagramProtocol):
                 and header.version in self._endpoint._server_config.supported_versions
             ):
                 return
-            proto = self._endpoint._accept_connection(self, header.destination_cid, addr)
-            if proto is None:
+            conn = self._endpoint._accept(self, header.destination_cid, addr)
+            if conn is None:
                 return
-        proto.datagram_received(data, addr)
+        conn.datagram_received(data, addr)
 
-    def add(self, proto: _PeerProtocol, cids: list[bytes]) -> None:
-        self.protocols.add(proto)
+    def add(self, conn: _Conn, cids: list[bytes]) -> None:
+        self.conns.add(conn)
         for cid in cids:
-            self._by_cid[cid] = proto
+            self.by_cid[cid] = conn
 
-        def issued(cid: bytes) -> None:
-            self._by_cid[cid] = proto
-
-        def retired(cid: bytes) -> None:
-            if self._by_cid.get(cid) is proto:
-                del self._by_cid[cid]
-
-        proto._connection_id_issued_handler = issued
-        proto._connection_id_retired_handler = retired
-        proto.connection_made(cast(asyncio.BaseTransport, self.transport))
-
-    def remove(self, proto: _PeerProtocol) -> None:
-        self.protocols.discard(proto)
-        for cid in [c for c, p in self._by_cid.items() if p is proto]:
-            del self._by_cid[cid]
+    def remove(self, conn: _Conn) -> None:
+        self.conns.discard(conn)
+        for cid in [c for c, p in self.by_cid.items() if p is conn]:
+            del self.by_cid[cid]
 
     def close(self) -> None:
         if self.transport is not None:
@@ -665,6 +458,7 @@ class MeshEndpoint:
         max_datagram_size: int = 1452,
         idle_timeout: float = 15.0,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_handshaking: int = MAX_HANDSHAKING,
         on_peer_connected: Callable[[PeerConnection], None],
         on_peer_lost: Callable[[str, str], None],
         on_control_frame: Callable[[str, Frame], None],
@@ -676,21 +470,32 @@ class MeshEndpoint:
             )
         if idle_timeout <= 0 or handshake_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if max_handshaking < 1:
+            raise ValueError("max_handshaking must be at least 1")
         self.identity = identity
         self.mesh = mesh
         self._host, self._port = host, port
         self.handshake_timeout = handshake_timeout
+        self.max_handshaking = max_handshaking
         self._on_peer_connected = on_peer_connected
         self._on_peer_lost = on_peer_lost
         self._on_control_frame = on_control_frame
         self._on_stream = on_stream
-        self._client_config = self._config(True, max_datagram_size, idle_timeout)
-        self._server_config = self._config(False, max_datagram_size, idle_timeout)
+        self._client_config = s.quic_configuration(
+            identity, is_client=True, max_datagram_size=max_datagram_size,
+            idle_timeout=idle_timeout,
+        )
+        self._server_config = s.quic_configuration(
+            identity, is_client=False, max_datagram_size=max_datagram_size,
+            idle_timeout=idle_timeout,
+        )
         self._sock: _UdpSocket | None = None
         self._family = socket.AF_INET
         self._extra_socks: set[_UdpSocket] = set()
-        self._peers: dict[str, _PeerProtocol] = {}
-        self._protocols: set[_PeerProtocol] = set()
+        self._peers: dict[str, _Conn] = {}
+        self._conns: set[_Conn] = set()
+        # Peers whose kept connection they closed as a duplicate: lost unless replaced.
+        self._orphans: dict[str, asyncio.TimerHandle] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self._callbacks: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._callbacks_scheduled = False
@@ -700,26 +505,6 @@ class MeshEndpoint:
     @property
     def node_id(self) -> str:
         return self.identity.node_id
-
-    def _config(self, is_client: bool, max_datagram_size: int, idle: float) -> QuicConfiguration:
-        cfg = QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[ALPN],
-            idle_timeout=idle,
-            max_datagram_size=max_datagram_size,
-            max_data=MAX_DATA,
-            max_stream_data=MAX_STREAM_DATA,
-            connection_id_length=CID_LENGTH,
-        )
-        if is_client:
-            # Peers have self-signed certificates. The handshake proves who a peer
-            # is, and checks the certificate carries that key before we prove anything.
-            cfg.verify_mode = ssl.CERT_NONE
-            cfg.server_name = "mesh-inference"
-        else:
-            cfg.certificate = self.identity.certificate
-            cfg.private_key = self.identity.private_key
-        return cfg
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
@@ -747,16 +532,84 @@ class MeshEndpoint:
             except Exception:
                 log.exception("mesh endpoint callback %s failed", getattr(fn, "__name__", fn))
 
-    def _deliver_control(self, proto: _PeerProtocol, frame: Frame) -> None:
-        assert proto.peer is not None
-        if self._peers.get(proto.peer.peer_id) is proto and not self._closing:
-            self._deliver(self._on_control_frame, proto.peer.peer_id, frame)
+    # -- sessions
+    def _new_conn(self, quic: QuicConnection, sock: _UdpSocket, remote: str) -> _Conn:
+        loop = asyncio.get_running_loop()
+        session = PeerSession(
+            quic, self.identity, self.mesh, now=loop.time(),
+            handshake_timeout=self.handshake_timeout, wall_offset=time.time() - loop.time(),
+        )
+        conn = _Conn(self, session, sock, remote)
+        self._conns.add(conn)
+        return conn
 
-    def _spawn_handler(
-        self, peer_id: str, first: Frame, reader: asyncio.StreamReader, writer: QuicStreamWriter
-    ) -> None:
+    def _accept(self, sock: _UdpSocket, dcid: bytes, addr: NetworkAddress) -> _Conn | None:
+        handshaking = sum(1 for c in self._conns if not c.session.authenticated)
+        if self._closing or handshaking >= self.max_handshaking:
+            return None
+        quic = QuicConnection(
+            configuration=self._server_config, original_destination_connection_id=dcid
+        )
+        conn = self._new_conn(quic, sock, format_addr(addr[0], addr[1]))
+        sock.add(conn, [dcid, quic.host_cid])
+        return conn
+
+    def _drop(self, conn: _Conn) -> None:
+        conn.dropped = True
+        conn.stop_timer()
+        self._conns.discard(conn)
+        conn.sock.remove(conn)
+        if conn.sock in self._extra_socks and not conn.sock.conns:
+            self._extra_socks.discard(conn.sock)
+            conn.sock.close()
+
+    def _on_event(self, conn: _Conn, ev: s.SessionEvent) -> None:
+        if isinstance(ev, s.StreamDataReceived):
+            io = conn.streams.get(ev.stream_id)
+            if io is not None and not io.recv_done:
+                if ev.data:
+                    io.reader.feed_data(ev.data)
+                if ev.end:
+                    io.recv_done = True
+                    io.reader.feed_eof()
+        elif isinstance(ev, s.StreamOpened):
+            self._on_stream_opened(conn, ev)
+        elif isinstance(ev, s.StreamWritable | s.StreamStoppedByPeer | s.StreamClosed):
+            io = conn.streams.get(ev.stream_id)
+            if io is not None:
+                if isinstance(ev, s.StreamStoppedByPeer):
+                    io.writer._peer_stopped = True
+                elif isinstance(ev, s.StreamClosed):
+                    del conn.streams[ev.stream_id]
+                io.writer._wake()
+        elif isinstance(ev, s.StreamResetByPeer):
+            io = conn.streams.get(ev.stream_id)
+            if io is not None and not io.recv_done:
+                io.recv_done = True
+                io.reader.set_exception(ConnectionResetError("stream reset by the peer"))
+        elif isinstance(ev, s.ControlFrameReceived):
+            if conn.peer is not None and self._peers.get(conn.peer.peer_id) is conn:
+                self._deliver(self._on_control_frame, conn.peer.peer_id, ev.frame)
+        elif isinstance(ev, s.ConnectionIdIssued):
+            conn.sock.by_cid[ev.connection_id] = conn
+        elif isinstance(ev, s.ConnectionIdRetired):
+            if conn.sock.by_cid.get(ev.connection_id) is conn:
+                del conn.sock.by_cid[ev.connection_id]
+        elif isinstance(ev, s.PeerAuthenticated):
+            self._on_authenticated(conn, ev)
+        elif isinstance(ev, s.SessionClosed):
+            self._on_closed(conn, ev)
+
+    def _on_stream_opened(self, conn: _Conn, ev: s.StreamOpened) -> None:
+        assert conn.peer is not None
+        peer_id = conn.peer.peer_id
+        if self._closing or self._peers.get(peer_id) is not conn:
+            # A superseded duplicate (or we are shutting down): never reaches the node.
+            conn.session.close_stream(ev.stream_id)
+            return
+        reader, writer = conn.new_stream(ev.stream_id)
         task = asyncio.get_running_loop().create_task(
-            self._run_handler(peer_id, first, reader, writer)
+            self._run_handler(peer_id, ev.first_frame, reader, writer)
         )
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
@@ -773,61 +626,64 @@ class MeshEndpoint:
         finally:
             writer.close()
 
-    # -- connection life cycle (called by _PeerProtocol / _UdpSocket)
-    def _accept_connection(
-        self, sock: _UdpSocket, dcid: bytes, addr: NetworkAddress
-    ) -> _PeerProtocol | None:
-        handshaking = sum(1 for p in self._protocols if not p.authed)
-        if self._closing or handshaking >= MAX_HANDSHAKING:
-            return None
-        quic = QuicConnection(
-            configuration=self._server_config, original_destination_connection_id=dcid
+    def _on_authenticated(self, conn: _Conn, ev: s.PeerAuthenticated) -> None:
+        peer = conn.peer = PeerConnection(
+            ev.peer_id, ev.pubkey_der, conn.remote_address, conn.dialer
         )
-        proto = _PeerProtocol(
-            quic, self, dialer=False, remote_address=format_addr(addr[0], addr[1]), sock=sock
-        )
-        sock.add(proto, [dcid, quic.host_cid])
-        self._protocols.add(proto)
-        return proto
-
-    def _on_authenticated(self, proto: _PeerProtocol) -> None:
-        assert proto.peer is not None
-        peer_id = proto.peer.peer_id
-        existing = self._peers.get(peer_id)
+        # Resolved first: if this turns out a duplicate, the peer is still connected.
+        if not conn.authenticated.done():
+            conn.authenticated.set_result(peer)
+        existing = self._peers.get(peer.peer_id)
         if existing is not None:
-            now = asyncio.get_running_loop().time()
             # Both sides dialed: both keep the one dialed by the smaller id. An old
             # connection that went silent lost its peer (restarted): take the new one.
-            keep_new = now - existing.last_rx > STALE_AFTER or (
-                (self.identity.node_id < peer_id) == proto.dialer
+            keep_new = conn.loop.time() - existing.last_rx > STALE_AFTER or (
+                (self.node_id < peer.peer_id) == conn.dialer
             )
-            loser = existing if keep_new else proto
-            loser.superseded = True
+            loser = existing if keep_new else conn
             if keep_new:
-                self._peers[peer_id] = proto
+                self._peers[peer.peer_id] = conn
+            loser.session.refuse_streams()
             loser.fail(ERR_DUPLICATE, "duplicate connection", level=logging.INFO)
             return
-        self._peers[peer_id] = proto
-        log.info(
-            "authenticated peer %s (%s)", proto.describe(), "dialed" if proto.dialer else "accepted"
-        )
-        self._deliver(self._on_peer_connected, proto.peer)
-
-    def _on_closing(self, proto: _PeerProtocol) -> None:
-        if proto.peer is None or proto.superseded:
+        self._peers[peer.peer_id] = conn
+        orphan = self._orphans.pop(peer.peer_id, None)
+        if orphan is not None:
+            orphan.cancel()  # the connection the peer kept: for the node, nothing changed
             return
-        peer_id = proto.peer.peer_id
-        if self._peers.get(peer_id) is proto:
-            del self._peers[peer_id]
-            if not self._closing:
-                self._deliver(self._on_peer_lost, peer_id, proto.close_reason)
+        log.info("authenticated peer %s (%s)", conn.describe(),
+                 "dialed" if conn.dialer else "accepted")
+        self._deliver(self._on_peer_connected, peer)
 
-    def _on_closed(self, proto: _PeerProtocol) -> None:
-        self._protocols.discard(proto)
-        proto.sock.remove(proto)
-        if proto.sock in self._extra_socks and not proto.sock.protocols:
-            self._extra_socks.discard(proto.sock)
-            proto.sock.close()
+    def _on_closed(self, conn: _Conn, ev: s.SessionClosed) -> None:
+        reason = ev.reason
+        for io in conn.streams.values():
+            if not io.recv_done:
+                io.recv_done = True
+                io.reader.set_exception(ConnectionResetError(f"connection closed: {reason}"))
+            io.writer._wake()
+        if not conn.authenticated.done():
+            conn.authenticated.set_exception(DialError(reason))
+            conn.authenticated.exception()  # retrieved: dial() reports it, if anyone dialed
+        if ev.by_peer and not conn.session.authenticated:
+            log.info("connection to %s closed: %s", conn.describe(), reason)
+        if conn.peer is None or self._peers.get(conn.peer.peer_id) is not conn:
+            return
+        peer_id = conn.peer.peer_id
+        del self._peers[peer_id]
+        if self._closing:
+            return
+        if ev.by_peer and ev.code == ERR_DUPLICATE and peer_id not in self._orphans:
+            # The peer kept our other connection, which should authenticate here soon.
+            self._orphans[peer_id] = conn.loop.call_later(
+                self.handshake_timeout, self._orphan_lost, peer_id, reason
+            )
+            return
+        self._deliver(self._on_peer_lost, peer_id, reason)
+
+    def _orphan_lost(self, peer_id: str, reason: str) -> None:
+        if self._orphans.pop(peer_id, None) is not None and not self._closing:
+            self._deliver(self._on_peer_lost, peer_id, reason)
 
     # -- public API
     async def dial(self, addr: str, timeout: float = 5.0) -> str:  # noqa: ASYNC109
@@ -862,77 +718,82 @@ class MeshEndpoint:
                 raise DialError(f"dial {addr}: {exc}") from None
             self._extra_socks.add(sock)
         quic = QuicConnection(configuration=self._client_config)
-        proto = _PeerProtocol(quic, self, dialer=True, remote_address=addr, sock=sock)
-        sock.add(proto, [quic.host_cid])
-        self._protocols.add(proto)
-        proto.connect(sockaddr)
+        conn = self._new_conn(quic, sock, addr)
+        sock.add(conn, [quic.host_cid])
+        conn.session.connect(cast(NetworkAddress, sockaddr), loop.time())
+        conn.pump()
         try:
             peer = await asyncio.wait_for(
-                asyncio.shield(proto.authenticated), max(0.0, deadline - loop.time())
+                asyncio.shield(conn.authenticated), max(0.0, deadline - loop.time())
             )
         except TimeoutError:
-            proto.fail(ERR_AUTH, "dial timed out", level=logging.DEBUG)
+            conn.fail(ERR_AUTH, "dial timed out", level=logging.DEBUG)
             raise DialError(f"dial {addr}: no authenticated answer within {timeout} s") from None
         except DialError as exc:
             raise DialError(f"dial {addr}: {exc}") from None
         except asyncio.CancelledError:
-            proto.fail(ERR_NONE, "dial cancelled", level=logging.DEBUG)
+            conn.fail(ERR_NONE, "dial cancelled", level=logging.DEBUG)
             raise
         return peer.peer_id
 
-    def _peer(self, peer_id: str) -> _PeerProtocol:
-        proto = self._peers.get(peer_id)
-        if proto is None or proto.closing:
+    def _peer(self, peer_id: str) -> _Conn:
+        conn = self._peers.get(peer_id)
+        if conn is None or conn.session.closed:
             raise UnknownPeer(peer_id)
-        return proto
+        return conn
 
     def send_control(self, peer_id: str, type: MessageType, payload: bytes) -> None:
         """Send one DCF frame on the peer's control stream, now. Raises UnknownPeer."""
-        self._peer(peer_id).send_control(type, payload)
+        conn = self._peer(peer_id)
+        conn.session.send_control(type, payload)
+        conn.pump()
 
     async def open_stream_raw(self, peer_id: str) -> tuple[asyncio.StreamReader, QuicStreamWriter]:
         """A new stream to ``peer_id``; the caller writes its first DCF frame (seq 0)."""
-        return self._peer(peer_id).open_stream()
+        conn = self._peer(peer_id)
+        return conn.new_stream(conn.session.open_stream_raw())
 
     async def open_stream(
         self, peer_id: str, first_type: MessageType, first_payload: bytes
     ) -> tuple[asyncio.StreamReader, QuicStreamWriter]:
         """A new stream whose first frame (OpenTunnel or Task) is already sent."""
-        if first_type not in _STREAM_TYPES:
+        if first_type not in s.STREAM_TYPES:
             raise ValueError(f"a stream cannot start with {first_type.name}")
-        reader, writer = await self.open_stream_raw(peer_id)
-        writer.write(
-            _encode_frame(Frame(first_type, 0, _now_us(), first_payload), MAX_FIRST_FRAME)
-        )
-        return reader, writer
+        conn = self._peer(peer_id)
+        pair = conn.new_stream(conn.session.open_stream(first_type, first_payload))
+        conn.pump()
+        return pair
 
     def disconnect(self, peer_id: str, reason: str) -> None:
         """Close the connection to ``peer_id``; ``on_peer_lost`` follows with ``reason``."""
-        proto = self._peers.get(peer_id)
-        if proto is not None:
-            proto.fail(ERR_NONE, reason, level=logging.INFO)
+        conn = self._peers.get(peer_id)
+        if conn is not None:
+            conn.fail(ERR_NONE, reason, level=logging.INFO)
 
     def peers(self) -> list[str]:
-        return [pid for pid, p in self._peers.items() if not p.closing]
+        return [pid for pid, c in self._peers.items() if not c.session.closed]
 
     def peer_connection(self, peer_id: str) -> PeerConnection | None:
-        proto = self._peers.get(peer_id)
-        return proto.peer if proto is not None and not proto.closing else None
+        conn = self._peers.get(peer_id)
+        return conn.peer if conn is not None and not conn.session.closed else None
 
     def rtt(self, peer_id: str) -> float | None:
-        proto = self._peers.get(peer_id)
-        return proto.rtt() if proto is not None else None
+        conn = self._peers.get(peer_id)
+        return conn.session.rtt if conn is not None else None
 
     async def close(self) -> None:
         """Close every connection (peers see "shutting down") and the socket(s)."""
         if self._closing:
             return
         self._closing = True
-        for proto in list(self._protocols):
-            proto.fail(ERR_NONE, "shutting down", level=logging.DEBUG)
+        for handle in self._orphans.values():
+            handle.cancel()
+        self._orphans.clear()
+        for conn in list(self._conns):
+            conn.fail(ERR_NONE, "shutting down", level=logging.DEBUG)
         # CONNECTION_CLOSE datagrams went out synchronously in fail(); stop the timers.
-        for proto in list(self._protocols):
-            proto._on_terminated("shutting down")
+        for conn in list(self._conns):
+            self._drop(conn)
         handlers = list(self._handlers)
         for task in handlers:
             task.cancel()

@@ -5,7 +5,9 @@ frames, then FIN; it returns the Result head and an iterator over the
 response's Body frames *as they arrive* (SSE tokens are not buffered).
 Server side (the host): :func:`serve_task` reads the Task (the transport may
 already have decoded its first frame), calls a handler, and streams the
-answer back. Works over any (StreamReader, writer) pair.
+answer back. Works over any (StreamReader, writer) pair. Which requests a
+handler accepts is its business: the node passes
+``mesh_inference.api.openai.make_task_handler``, which serves ``/v1/*`` only.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ class ProxyError(Exception):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProxiedResponse:
+    """An HTTP answer whose body arrives chunk by chunk (SSE tokens are not buffered)."""
+
     status: int
     headers: list[tuple[str, str]]
     body_iter: AsyncIterator[bytes]
