@@ -141,53 +141,32 @@ class _CreditReader(asyncio.StreamReader):
         if self._depth == 0 and n:
             self._on_consumed(n)
 
-    async def read(self, n: int = -1) -> bytes:
+    async def _count(self, read: Awaitable[bytes]) -> bytes:
+        # ``read`` is a coroutine of the base class; it runs only once awaited here.
         self._depth += 1
+        taken = 0
         try:
-            data = await super().read(n)
+            data = await read
+            taken = len(data)
+            return data
+        except asyncio.IncompleteReadError as exc:
+            taken = len(exc.partial)
+            raise
         finally:
             self._depth -= 1
-        self._took(len(data))
-        return data
+            self._took(taken)
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self._count(super().read(n))
 
     async def readexactly(self, n: int) -> bytes:
-        self._depth += 1
-        try:
-            data = await super().readexactly(n)
-        except asyncio.IncompleteReadError as exc:
-            self._depth -= 1
-            self._took(len(exc.partial))
-            raise
-        except BaseException:
-            self._depth -= 1
-            raise
-        self._depth -= 1
-        self._took(len(data))
-        return data
+        return await self._count(super().readexactly(n))
 
     async def readuntil(self, separator: Any = b"\n") -> bytes:  # bytes, or a tuple of them
-        self._depth += 1
-        try:
-            data = await super().readuntil(separator)
-        except asyncio.IncompleteReadError as exc:
-            self._depth -= 1
-            self._took(len(exc.partial))
-            raise
-        except BaseException:
-            self._depth -= 1
-            raise
-        self._depth -= 1
-        self._took(len(data))
-        return data
+        return await self._count(super().readuntil(separator))
 
     async def readline(self) -> bytes:
-        self._depth += 1
-        try:
-            data = await super().readline()
-        finally:
-            self._depth -= 1
-        self._took(len(data))
-        return data
+        return await self._count(super().readline())
 
 
 class QuicStreamWriter:
