@@ -184,6 +184,8 @@ INVALID: list[tuple[str, MessageType, bytes, str]] = [
      "at most 16"),
     ("duplicate addr", G, gossip_with(info_json(addrs=["10.0.0.1:1", "10.0.0.1:1"])), "repeated"),
     ("addr no port", G, gossip_with(info_json(addrs=["10.0.0.1"])), "host:port"),
+    ("bad model sha", G, gossip_with(info_json(model_sha256="AB" * 32)), "model_sha256"),
+    ("short model sha", G, gossip_with(info_json(model_sha256="ab")), "model_sha256"),
     ("addr port 0", G, gossip_with(info_json(addrs=["10.0.0.1:0"])), "host:port"),
     ("addr port big", G, gossip_with(info_json(addrs=["10.0.0.1:65536"])), "host:port"),
     ("addr port word", G, gossip_with(info_json(addrs=["10.0.0.1:http"])), "host:port"),

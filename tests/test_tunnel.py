@@ -17,7 +17,7 @@ import pytest
 from mesh_inference.core.dcf import Frame, MessageType
 from mesh_inference.core.identity import MeshCredentials, NodeIdentity
 from mesh_inference.net.endpoint import MeshEndpoint, QuicStreamWriter
-from mesh_inference.net.tunnel import Pump, TunnelListener, bridge_to_local
+from mesh_inference.net.tunnel import TransformFactory, TunnelListener, bridge_to_local
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,7 +67,7 @@ class Tunnel:
 
 @contextlib.asynccontextmanager
 async def tunnel_to(
-    service_port: int, *, pump: type[Pump] = Pump
+    service_port: int, *, transforms: TransformFactory | None = None
 ) -> AsyncIterator[Tunnel]:
     mesh = MeshCredentials.generate()
     handled: list[str] = []
@@ -103,7 +103,7 @@ async def tunnel_to(
         async def opener() -> tuple[asyncio.StreamReader, Any]:
             return await host.open_stream(peer, MessageType.OPEN_TUNNEL, b'{"service":"rpc"}')
 
-        listener = TunnelListener(opener, pump=pump)
+        listener = TunnelListener(opener, transforms=transforms)
         await listener.start()
         yield Tunnel(listener, worker, host, handled)
     finally:
@@ -269,19 +269,23 @@ async def test_client_abort_tears_down_the_service_side() -> None:
             await service_saw_end.wait()
 
 
-async def test_pump_hook_sees_every_byte_in_order() -> None:
+async def test_transforms_see_every_byte_in_order_and_can_answer_back() -> None:
     seen: list[bytes] = []
 
-    class Recording(Pump):
-        def inspect(self, data: bytes) -> bytes:
-            if self.name == "up":
-                seen.append(data)
-            return data
+    def up(data: bytes) -> tuple[list[bytes], list[bytes]]:
+        seen.append(data)
+        # Forward everything; answer a marker byte back to the client ourselves.
+        return [data], [b"!"] if data.endswith(b"?") else []
 
-    payload = os.urandom(1 << 20)
-    async with tcp_service(echo) as svc, tunnel_to(svc, pump=Recording) as t:
-        assert await exchange(t.port, payload) == payload
+    def down(data: bytes) -> tuple[list[memoryview], list[bytes]]:
+        return [memoryview(data)], []
+
+    payload = os.urandom(1 << 20).replace(b"!", b"#").replace(b"?", b"#") + b"?"
+    async with tcp_service(echo) as svc, tunnel_to(svc, transforms=lambda: (up, down)) as t:
+        got = await exchange(t.port, payload)
     assert b"".join(seen) == payload
+    # The sidecar's own reply can arrive anywhere among the echoed bytes, but exactly once.
+    assert len(got) == len(payload) + 1 and got.replace(b"!", b"", 1) == payload
 
 
 async def test_tunnels_only_use_loopback() -> None:

@@ -92,6 +92,7 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 _NODE_ID = re.compile(r"[0-9a-f]{16}")
 _SERVICE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _ENGINE_STATE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 # C0 controls and DEL (and C1) never belong in names, reasons or header values;
 # surrogates would make the string impossible to re-encode as UTF-8.
@@ -124,6 +125,9 @@ class NodeInfo:
     # Raised by a model switch; the mesh serves the model with the highest
     # (epoch, ref) among alive nodes, and every node adopts it.
     model_epoch: int = 0
+    # sha256 (hex) of the mesh model's file on this node, once indexed: equal
+    # digests let the host send weight references instead of weight bytes.
+    model_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +222,7 @@ def _info_json(info: NodeInfo) -> dict[str, Any]:
         "rpc_ready": info.rpc_ready,
         "engine_state": info.engine_state,
         "model_epoch": info.model_epoch,
+        "model_sha256": info.model_sha256,
     }
 
 
@@ -363,6 +368,9 @@ def _node_info(v: object, where: str) -> NodeInfo:
     addrs = o.list_("addrs", MAX_ADDRS, _addr)
     if len(set(addrs)) != len(addrs):
         raise o.fail("addrs", "repeated address")
+    sha = o.opt_str("model_sha256", 64)
+    if sha is not None and not _SHA256_HEX.fullmatch(sha):
+        raise o.fail("model_sha256", "not 64 lowercase hex characters")
     return NodeInfo(
         node_id=node_id,
         name=o.str_("name", MAX_NAME),
@@ -377,6 +385,7 @@ def _node_info(v: object, where: str) -> NodeInfo:
         rpc_ready=o.bool_("rpc_ready"),
         engine_state=engine_state,
         model_epoch=o.int_("model_epoch", 0, MAX_INCARNATION),
+        model_sha256=sha,
     )
 
 

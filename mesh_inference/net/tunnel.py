@@ -16,18 +16,20 @@ QUIC stream to one worker, obtained from ``open_stream`` (which sends the
 OpenTunnel frame). Worker side: :func:`bridge_to_local` connects such a
 stream to the worker's own rpc-server on 127.0.0.1.
 
-Each direction is a :class:`Pump`: read a chunk, ``inspect`` it, write
-what ``inspect`` returned, ``await drain()`` -- so a slow side slows the
+Each direction is a :class:`Pump`: read a chunk, transform it (if the
+tunnel is protocol-aware), write the result, ``await drain()`` -- so a slow side slows the
 other down (backpressure both ways). EOF on one direction is forwarded as a
 half-close (``write_eof``) and the other direction keeps flowing until it
 ends too; an error on either side cancels both pumps and closes both ends.
 
-The hook for protocol-aware tunnels: subclass :class:`Pump`, override
-``inspect`` (it sees the byte stream in order, in arbitrary chunks; it may
-buffer and return less, or more) and pass ``pump=YourPump`` to
-``TunnelListener``/``bridge_to_local``/``bridge``. That is where parsing of
-llama.cpp RPC frames (weight cache, answering repeated queries locally)
-will go; ``Pump.peer`` is the opposite direction's pump, for replies.
+Protocol-aware tunnels pass ``transforms``: a factory called once per
+connection that returns the two directions' :data:`Transform` functions.
+Each takes the chunk just read (the stream in order, in arbitrary chunks;
+it may buffer) and returns what to forward and what to send *back* on the
+other direction (replies the sidecar answers itself, such as llama.cpp RPC
+commands answered from the local model index). Chunks may be memoryviews
+(zero-copy slices of a mapped model file). A transform that raises tears
+the bridge down like any other error.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,12 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+Chunk = bytes | memoryview
+# One direction of a protocol-aware tunnel: chunk read → (to forward, to send back).
+Transform = Callable[[bytes], tuple[Sequence[Chunk], Sequence[Chunk]]]
+TransformFactory = Callable[[], tuple[Transform, Transform]]
+
+
 class Pump:
     """Copies one direction of a bridge and counts the bytes it wrote."""
 
@@ -86,33 +94,40 @@ class Pump:
         *,
         name: str,
         on_bytes: Callable[[int], None] | None = None,
+        transform: Transform | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.name = name
         self.on_bytes = on_bytes
+        self.transform = transform
         self.bytes = 0
         self.peer: Pump | None = None  # the other direction, set by bridge()
 
-    def inspect(self, data: bytes) -> bytes:
-        """Hook for protocol-aware tunnels: return the bytes to forward. Identity here."""
-        return data
-
-    def send(self, data: bytes) -> None:
-        """Write to this pump's output (also usable by ``peer`` to inject replies)."""
+    def send(self, data: Chunk) -> None:
+        """Write to this pump's output (``peer`` uses it to send replies back)."""
         if not data:
             return
         self.bytes += len(data)
         if self.on_bytes is not None:
             self.on_bytes(len(data))
-        self.writer.write(data)
+        self.writer.write(data)  # type: ignore[arg-type]
 
     async def run(self) -> None:
         while True:
             data = await self.reader.read(CHUNK)
             if not data:
                 break
-            self.send(self.inspect(data))
+            if self.transform is None:
+                self.send(data)
+            else:
+                forward, back = self.transform(data)
+                for chunk in forward:
+                    self.send(chunk)
+                if back:
+                    assert self.peer is not None
+                    for chunk in back:
+                        self.peer.send(chunk)
             await self.writer.drain()
         if not self.writer.is_closing():
             self.writer.write_eof()
@@ -134,13 +149,14 @@ async def bridge(
     b_reader: asyncio.StreamReader,
     b_writer: StreamWriterLike,
     *,
-    pump: type[Pump] = Pump,
+    transforms: TransformFactory | None = None,
     on_up: Callable[[int], None] | None = None,
     on_down: Callable[[int], None] | None = None,
 ) -> None:
     """Pump a→b ("up") and b→a ("down") until both ended; any failure tears both down."""
-    up = pump(a_reader, b_writer, name="up", on_bytes=on_up)
-    down = pump(b_reader, a_writer, name="down", on_bytes=on_down)
+    t_up, t_down = transforms() if transforms is not None else (None, None)
+    up = Pump(a_reader, b_writer, name="up", on_bytes=on_up, transform=t_up)
+    down = Pump(b_reader, a_writer, name="down", on_bytes=on_down, transform=t_down)
     up.peer, down.peer = down, up
     tasks = [asyncio.ensure_future(up.run()), asyncio.ensure_future(down.run())]
     try:
@@ -164,9 +180,9 @@ async def bridge(
 class TunnelListener:
     """A loopback listener whose connections are bridged to streams from ``open_stream``."""
 
-    def __init__(self, open_stream: Opener, *, pump: type[Pump] = Pump) -> None:
+    def __init__(self, open_stream: Opener, *, transforms: TransformFactory | None = None) -> None:
         self._open_stream = open_stream
-        self._pump = pump
+        self._transforms = transforms
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -220,7 +236,7 @@ class TunnelListener:
             writer,
             q_reader,
             q_writer,
-            pump=self._pump,
+            transforms=self._transforms,
             on_up=self._count_up,
             on_down=self._count_down,
         )
@@ -244,7 +260,7 @@ async def bridge_to_local(
     host: str,
     port: int,
     *,
-    pump: type[Pump] = Pump,
+    transforms: TransformFactory | None = None,
 ) -> None:
     """Worker side: connect a tunnel stream to a local service (rpc-server) and pump."""
     _require_loopback(host)
@@ -256,4 +272,4 @@ async def bridge_to_local(
         await _close_writer(writer)
         return
     _nodelay(l_writer)
-    await bridge(reader, writer, l_reader, l_writer, pump=pump)
+    await bridge(reader, writer, l_reader, l_writer, transforms=transforms)
