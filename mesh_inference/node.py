@@ -60,6 +60,7 @@ from mesh_inference.core.messages import NodeInfo, OpenTunnel, decode_payload, e
 from mesh_inference.core.plan import Plan, WaitingForCapacity
 from mesh_inference.engine.backends import EngineBackend, EngineUnavailable, find_backend
 from mesh_inference.engine.host import HostController
+from mesh_inference.engine.weights import PASS_THROUGH, host_transforms, worker_transforms
 from mesh_inference.engine.worker import WorkerService
 from mesh_inference.machine.resources import MemoryOffer, detect_memory
 from mesh_inference.machine.state import (
@@ -76,6 +77,7 @@ from mesh_inference.net.discovery import Discovery
 from mesh_inference.net.endpoint import MeshEndpoint, PeerConnection
 from mesh_inference.net.gossip import MembershipDriver
 from mesh_inference.net.proxy import serve_task
+from mesh_inference.net.tunnel import TransformFactory
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +141,9 @@ class Node:
         self._backend_error: str | None = None
         self._worker: WorkerService | None = None
         self._host: HostController | None = None
-        self._model = LocalModel(config.models_dir, self._local_changed)
+        self._model = LocalModel(
+            config.models_dir, config.state_dir / "model-index", self._local_changed
+        )
         self._memory = MemoryOffer(0, "none", "")
         self._plan: PlanResult | None = None
         self._planned: tuple[PlanResult | None, str | None, Path | None] | None = None
@@ -224,6 +228,7 @@ class Node:
             self._worker = WorkerService(
                 self._backend, state_dir=cfg.state_dir, threads=threads,
                 on_change=self._local_changed,
+                transforms=lambda: worker_transforms(self._model.weights),
             )  # fmt: skip
             self._host = HostController(
                 self._backend,
@@ -233,6 +238,7 @@ class Node:
                 ctx_size=cfg.ctx_size,
                 threads=threads,
                 on_state=lambda _s, _d: self._local_changed(),
+                transforms_for=self._host_transforms,
             )
             await self._worker.start()
 
@@ -319,6 +325,7 @@ class Node:
             model_epoch=self._model.epoch,
             rpc_ready=self._worker is not None and self._worker.ready,
             engine_state=self._host.state if self._host else "stopped",
+            model_sha256=self._model.sha256,
         )
 
     def _local_changed(self) -> None:
@@ -400,6 +407,18 @@ class Node:
         await self._model.settled()
         if self._host is not None:
             await self._host.settled()
+
+    def _host_transforms(self, worker: str) -> TransformFactory:
+        """Weight references toward a worker that holds the same file; bytes otherwise."""
+        weights, mine = self._model.weights, self._model.sha256
+        if weights is None or mine is None or self._members is None:
+            return PASS_THROUGH
+        theirs = next(
+            (m.model_sha256 for m in self._members.membership.alive_members()
+             if m.node_id == worker),
+            None,
+        )  # fmt: skip
+        return host_transforms(weights) if theirs == mine else PASS_THROUGH
 
     # ------------------------------------------------------------------ streams
     async def _open_tunnel(self, worker: str) -> tuple[asyncio.StreamReader, Any]:

@@ -1,10 +1,12 @@
 """A stand-in for llama.cpp, as real processes: an echo "rpc-server" and an HTTP "llama-server".
 
-``python standin_engine.py rpc --port P`` listens on 127.0.0.1:P and echoes
-every byte back. ``python standin_engine.py server --port P --rpc a:1,b:2
---split 0.2,0.8 --alias m`` first sends a greeting through every --rpc
-endpoint and exits 1 unless each echoes it (as llama-server aborts when an
-rpc-server is unreachable), then answers ``GET /health`` and ``POST
+``python standin_engine.py rpc --port P`` listens on 127.0.0.1:P and
+answers llama.cpp RPC HELLO commands (u8 command, u64 LE size, payload →
+u64 LE size, reply), the framing the sidecars' RPC-aware tunnels parse.
+``python standin_engine.py server --port P --rpc a:1,b:2 --split 0.2,0.8
+--alias m`` first says HELLO through every --rpc endpoint and exits 1
+unless each answers (as llama-server aborts when an rpc-server is
+unreachable), then answers ``GET /health`` and ``POST
 /v1/chat/completions`` with its own command line in the reply. Standard
 library only, so it starts in a few tens of milliseconds; the in-process
 node tests (test_node_inprocess.py) run it as their engine.
@@ -18,22 +20,30 @@ import json
 import sys
 from collections.abc import Sequence
 
-GREETING = b"hello rpc\n"
+HELLO = 14
+HELLO_REQUEST = bytes([HELLO]) + (24).to_bytes(8, "little") + bytes(24)
+HELLO_REPLY = (28).to_bytes(8, "little") + bytes([3, 0, 0, 0]) + bytes(24)  # "version 3"
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
+async def _rpc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while head := await reader.readexactly(9):
+            payload = await reader.readexactly(int.from_bytes(head[1:], "little"))
+            if head[0] != HELLO or len(payload) != 24:
+                break  # as rpc-server does on anything it does not expect: hang up
+            writer.write(HELLO_REPLY)
+            await writer.drain()
+    except asyncio.IncompleteReadError:
+        pass
     writer.close()
 
 
 async def _greet(endpoint: str) -> None:
     host, port = endpoint.rsplit(":", 1)
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
-    writer.write(GREETING)
-    got = await asyncio.wait_for(reader.readexactly(len(GREETING)), 5)
-    if got != GREETING:
+    writer.write(HELLO_REQUEST)
+    got = await asyncio.wait_for(reader.readexactly(len(HELLO_REPLY)), 5)
+    if got != HELLO_REPLY:
         raise ConnectionError(f"{endpoint} answered {got!r}")
     writer.close()
 
@@ -77,7 +87,7 @@ async def main(argv: Sequence[str]) -> int:
     p.add_argument("--model", default="")
     args = p.parse_args(argv)
     if args.kind == "rpc":
-        server = await asyncio.start_server(_echo, "127.0.0.1", args.port)
+        server = await asyncio.start_server(_rpc, "127.0.0.1", args.port)
         async with server:
             await server.serve_forever()
     try:

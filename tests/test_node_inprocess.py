@@ -2,8 +2,8 @@
 
 The nodes are the real composition root with real QUIC on loopback and real
 HTTP gateways; only the engine is a stand-in process (tests/standin_engine.py:
-an echo "rpc-server" and an HTTP "llama-server" that greets every --rpc
-endpoint through the tunnels before it reports healthy), so a whole
+an "rpc-server" that answers RPC HELLO and an HTTP "llama-server" that says
+HELLO through every --rpc endpoint before it reports healthy), so a whole
 re-plan runs in well under a second instead of a llama.cpp load.
 """
 
@@ -152,7 +152,7 @@ async def test_worker_refuses_a_tunnel_from_a_peer_that_is_not_the_host(
     reader, writer = await b._endpoint.open_stream(
         c.node_id, MessageType.OPEN_TUNNEL, encode_payload(OpenTunnel("rpc"))
     )
-    writer.write(b"hello rpc\n")
+    writer.write(bytes([14]) + (24).to_bytes(8, "little") + bytes(24))  # RPC HELLO
     async with asyncio.timeout(10):
         try:
             got = await reader.read()

@@ -4,7 +4,8 @@ Public API::
 
     host = HostController(backend, state_dir=..., open_tunnel=f(worker_id) -> (reader, writer),
                           local_rpc_port=lambda: worker.port, ctx_size=4096, threads=4,
-                          on_state=f(state, detail))
+                          on_state=f(state, detail),
+                          transforms_for=f(worker_id) -> TransformFactory)  # RPC-aware tunnels
     host.apply(plan, model_path, alias)   # schedules; returns at once
     await host.settled()                  # until every scheduled application ran
     host.drop_worker(worker_id)           # a worker died: close its tunnel now
@@ -36,7 +37,7 @@ from mesh_inference.engine.supervisor import (
     SupervisorEvent,
 )
 from mesh_inference.net.addresses import free_tcp_port
-from mesh_inference.net.tunnel import TunnelListener
+from mesh_inference.net.tunnel import Transform, TransformFactory, TunnelListener
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,10 @@ class HostController:
         ctx_size: int,
         threads: int,
         on_state: Callable[[str, str], None],
+        transforms_for: Callable[[str], TransformFactory] | None = None,
     ) -> None:
         self._backend = backend
+        self._transforms_for = transforms_for
         self._state_dir = state_dir
         self._open_tunnel = open_tunnel
         self._local_rpc_port = local_rpc_port
@@ -126,7 +129,7 @@ class HostController:
         for worker in plan.workers:
             tunnel = self._tunnels.get(worker)
             if tunnel is None:
-                tunnel = TunnelListener(self._opener(worker))
+                tunnel = TunnelListener(self._opener(worker), transforms=self._transforms(worker))
                 await tunnel.start("127.0.0.1", 0)
                 self._tunnels[worker] = tunnel
             endpoints.append(f"127.0.0.1:{tunnel.port}")
@@ -155,6 +158,17 @@ class HostController:
             )
         self._set_state("starting", f"{len(plan.workers) + 1} devices")
         await self._engine.start(argv, self._backend.env())
+
+    def _transforms(self, worker: str) -> TransformFactory | None:
+        if self._transforms_for is None:
+            return None
+        pick = self._transforms_for
+
+        def make() -> tuple[Transform, Transform]:
+            # Decided per connection: the worker's announced model digest may change.
+            return pick(worker)()
+
+        return make
 
     def _opener(self, worker: str) -> Callable[[], Awaitable[tuple[asyncio.StreamReader, Any]]]:
         async def open_stream() -> tuple[asyncio.StreamReader, Any]:

@@ -31,7 +31,7 @@ from mesh_inference.core.messages import OpenTunnel
 from mesh_inference.engine.backends import EngineBackend
 from mesh_inference.engine.supervisor import ProcessSupervisor, SupervisorEvent, SupervisorState
 from mesh_inference.net.addresses import free_tcp_port
-from mesh_inference.net.tunnel import bridge_to_local
+from mesh_inference.net.tunnel import TransformFactory, bridge_to_local
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class WorkerService:
         threads: int,
         on_change: Callable[[], None],
         host_converge_s: float = HOST_CONVERGE_S,
+        transforms: Callable[[], TransformFactory | None] = lambda: None,
     ) -> None:
+        self._transforms = transforms
         self._backend = backend
         self._state_dir = state_dir
         self._threads = threads
@@ -128,7 +130,9 @@ class WorkerService:
         if not self.ready:
             writer.close()
             return
-        await bridge_to_local(reader, writer, "127.0.0.1", self.port)
+        await bridge_to_local(
+            reader, writer, "127.0.0.1", self.port, transforms=self._transforms()
+        )
 
     async def stop(self) -> None:
         if self._supervisor is not None:

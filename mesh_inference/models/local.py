@@ -2,16 +2,21 @@
 
 Public API::
 
-    lm = LocalModel(models_dir, on_change=f)
+    lm = LocalModel(models_dir, index_dir, on_change=f)
     lm.adopt(epoch, ref, resolved=None)   # follow ``ref``; finds its file here if present
     lm.epoch; lm.ref; lm.resolved; lm.layers; lm.path; lm.size_bytes
+    lm.sha256; lm.weights                 # once indexed: file digest, mapped tensors
     lm.served_name()                      # the name the API shows ("smollm2-135m", "model")
     await lm.settled()                    # until the metadata reads scheduled so far ended
 
 Only cheap checks run on the event loop; the GGUF header is read in a
 thread, because parsing a large one can take seconds and a blocked loop
 misses heartbeats. A file that turns out unusable is dropped (``on_change``
-fires) so the node stops announcing that it holds the model.
+fires) so the node stops announcing that it holds the model. Then, also
+in a thread, the file is indexed (models/index.py: its sha256 and each
+tensor's, cached): once that is done the node announces the digest, and
+the host sends weight references instead of weight bytes to workers that
+announce the same one.
 """
 
 from __future__ import annotations
@@ -21,15 +26,18 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from mesh_inference.models.index import MappedWeights, load_or_build_index
 from mesh_inference.models.refs import ModelError, ResolvedModel, read_gguf_metadata, resolve_model
 
 log = logging.getLogger(__name__)
 
 
 class LocalModel:
-    def __init__(self, models_dir: Path, on_change: Callable[[], None]) -> None:
+    def __init__(self, models_dir: Path, index_dir: Path, on_change: Callable[[], None]) -> None:
         self._models_dir = models_dir
+        self._index_dir = index_dir
         self._on_change = on_change
+        self.weights: MappedWeights | None = None
         self.epoch = 0
         self.ref: str | None = None
         self.resolved: ResolvedModel | None = None
@@ -39,6 +47,10 @@ class LocalModel:
     @property
     def path(self) -> Path | None:
         return self.resolved.path if self.resolved is not None else None
+
+    @property
+    def sha256(self) -> str | None:
+        return self.weights.index.sha256 if self.weights is not None else None
 
     @property
     def size_bytes(self) -> int:
@@ -53,6 +65,7 @@ class LocalModel:
     def adopt(self, epoch: int, ref: str, resolved: ResolvedModel | None = None) -> None:
         self.epoch, self.ref = epoch, ref
         self.resolved, self.layers = None, None
+        self._drop_weights()
         try:
             resolved = resolved or resolve_model(ref, self._models_dir)
         except ModelError as exc:
@@ -74,9 +87,29 @@ class LocalModel:
                 self.resolved = None
                 self._on_change()
             return
-        if self.resolved is resolved:
-            self.layers = meta.layers
-            self._on_change()
+        if self.resolved is not resolved:
+            return
+        self.layers = meta.layers
+        self._on_change()
+        try:
+            index = await asyncio.to_thread(load_or_build_index, resolved.path, self._index_dir)
+            weights = await asyncio.to_thread(MappedWeights, resolved.path, index)
+        except (ModelError, OSError, ValueError) as exc:
+            log.warning("model %s: no weight index (weights will cross the wire): %s",
+                        resolved.ref, exc)  # fmt: skip
+            return
+        if self.resolved is not resolved:
+            weights.close()
+            return
+        self.weights = weights
+        log.info("model %s indexed: sha256 %s, %d tensors", resolved.ref, index.sha256[:16],
+                 len(index.regions))  # fmt: skip
+        self._on_change()
+
+    def _drop_weights(self) -> None:
+        if self.weights is not None:
+            self.weights.close()
+            self.weights = None
 
     async def settled(self) -> None:
         while self._reads:
@@ -86,3 +119,4 @@ class LocalModel:
         for task in list(self._reads):
             task.cancel()
         await asyncio.gather(*list(self._reads), return_exceptions=True)
+        self._drop_weights()

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 log = logging.getLogger(__name__)
 
 CHUNK = 256 << 10
+DRAIN_EVERY = 4 << 20
 OPEN_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 
@@ -122,12 +123,21 @@ class Pump:
                 self.send(data)
             else:
                 forward, back = self.transform(data)
-                for chunk in forward:
-                    self.send(chunk)
+                # Replies go back before anything awaits: their order against the
+                # other direction's bytes is decided here.
                 if back:
                     assert self.peer is not None
                     for chunk in back:
                         self.peer.send(chunk)
+                unsent = 0
+                for chunk in forward:
+                    self.send(chunk)
+                    unsent += len(chunk)
+                    if unsent >= DRAIN_EVERY:
+                        # A weight reference expands to up to a whole tensor of mapped
+                        # pages: wait for the consumer rather than copy it all into buffers.
+                        await self.writer.drain()
+                        unsent = 0
             await self.writer.drain()
         if not self.writer.is_closing():
             self.writer.write_eof()
