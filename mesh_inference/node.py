@@ -485,6 +485,7 @@ class Node:
                 rpc_state=self._worker.state if self._worker else "none",
                 engine_state=self._host.state if self._host else "stopped",
                 engine_detail=self._host.detail if self._host else "",
+                engine_startup_s=self._host.startup_s if self._host else None,
                 backend=self._backend.name if self._backend else None,
                 backend_error=self._backend_error,
                 model=model,

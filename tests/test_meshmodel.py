@@ -18,7 +18,7 @@ def info(node_id: str, gib: float, **over: object) -> NodeInfo:
     base = NodeInfo(
         node_id=node_id, name=node_id, role="member", memory_bytes=int(gib * GIB), addrs=(),
         http_port=1, model="m", has_model=False, version="0", model_bytes=GIB // 10,
-        rpc_ready=True, model_epoch=0,
+        rpc_ready=True, model_epoch=0, model_sha256="ab" * 32,
     )  # fmt: skip
     return replace(base, **over)  # type: ignore[arg-type]
 
@@ -49,6 +49,18 @@ def test_a_holder_of_another_epoch_cannot_host() -> None:
     members = [info("a", 1, has_model=True, model_epoch=1), info("b", 8, has_model=True)]
     plan = plan_for(members, choose_model(members))
     assert isinstance(plan, Plan) and plan.host_id == "a"
+
+
+def test_a_holder_takes_part_once_it_has_indexed_the_file() -> None:
+    choice = ModelChoice(0, "m")
+    members = [info("a", 4, has_model=True), info("b", 8, has_model=True, model_sha256=None),
+               info("c", 2, model_sha256=None)]  # fmt: skip
+    plan = plan_for(members, choice)
+    # b still hashes its copy: left out for now; c has no copy and needs no index.
+    assert isinstance(plan, Plan) and (plan.host_id, plan.workers) == ("a", ("c",))
+    members[1] = replace(members[1], model_sha256="cd" * 32)
+    plan = plan_for(members, choice)
+    assert isinstance(plan, Plan) and (plan.host_id, plan.workers) == ("b", ("a", "c"))
 
 
 def test_no_model_no_plan_and_no_holder_no_host() -> None:

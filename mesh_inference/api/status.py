@@ -36,6 +36,7 @@ class StatusInputs:
     rpc_state: str
     engine_state: str  # this node's llama-server
     engine_detail: str
+    engine_startup_s: float | None
     backend: str | None
     backend_error: str | None
     model: dict[str, Any]
@@ -123,6 +124,8 @@ def build_status(s: StatusInputs) -> dict[str, Any]:
             "state": host_engine,
             "backend": s.backend,
             "detail": s.engine_detail if host == s.node_id else "",
+            # spawn → healthy of this host's llama-server: its model load time
+            "startup_s": s.engine_startup_s if host == s.node_id else None,
             "error": s.backend_error,
         },
         "ready": host_engine == "ready",

@@ -12,7 +12,10 @@ so a model switch survives the node that made it, and a node started with
 ``--model`` (epoch 0) never overrides a switch (epoch ≥ 1). Only members
 whose own rpc-server is ready take part in a plan (a worker without one
 would make llama-server abort), and only nodes holding the chosen model's
-file may host it. All of this is a function of the members' records, so
+file may host it. A node holding the file takes part once it has indexed
+it (announced its sha256): then the host can send it weight references
+instead of weight bytes from the first launch, instead of loading over the
+wire and relaunching. All of this is a function of the members' records, so
 every node computes the same plan from the same view.
 """
 
@@ -53,7 +56,7 @@ def plan_for(members: Iterable[NodeInfo], choice: ModelChoice | None) -> PlanRes
     candidates = [
         Candidate(m.node_id, m.memory_bytes, m.role == "client", _holds(m, choice))
         for m in members
-        if m.role == "client" or m.rpc_ready
+        if m.role == "client" or (m.rpc_ready and (m.model_sha256 or not _holds(m, choice)))
     ]
     return elect(candidates, model_bytes)
 

@@ -75,6 +75,7 @@ class HostController:
         self._idle = ("stopped", "not the host")
         self.state = "stopped"
         self.detail = ""
+        self.startup_s: float | None = None  # spawn → healthy, of the running llama-server
 
     @property
     def url(self) -> str | None:
@@ -197,7 +198,8 @@ class HostController:
     def _on_event(self, event: SupervisorEvent) -> None:
         log.info("host: %s", event)
         if isinstance(event, EngineReady):
-            self._set_state("ready", f"ready in {event.startup_s:.1f} s")
+            self.startup_s = event.startup_s
+            self._set_state("ready", f"ready in {event.startup_s:.2f} s")
         elif isinstance(event, EngineExited):
             if not event.expected:
                 self._set_state("crashed", f"exit code {event.returncode}")

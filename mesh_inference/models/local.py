@@ -95,8 +95,11 @@ class LocalModel:
             index = await asyncio.to_thread(load_or_build_index, resolved.path, self._index_dir)
             weights = await asyncio.to_thread(MappedWeights, resolved.path, index)
         except (ModelError, OSError, ValueError) as exc:
-            log.warning("model %s: no weight index (weights will cross the wire): %s",
-                        resolved.ref, exc)  # fmt: skip
+            # llama-server could not load what gguf cannot index either.
+            log.warning("model %s is unusable: cannot index it: %s", resolved.ref, exc)
+            if self.resolved is resolved:
+                self.resolved = None
+                self._on_change()
             return
         if self.resolved is not resolved:
             weights.close()
