@@ -193,6 +193,42 @@ def test_embedded_engine_serves_a_two_node_mesh(tmp_path: Path) -> None:
         assert host.status()["node"]["role"] == "host"
         assert st["host_id"] == min(st["plan"]["order"])
         tunnels = host.status()["tunnels"]
-        assert len(tunnels) == 1 and next(iter(tunnels.values()))["bytes_up"] > 1_000_000
+        [tunnel] = tunnels.values()
+        # The worker's layers crossed as weight references (it holds the same GGUF): the
+        # tunnel carried the load's commands and the activations, not its ~49 MB of weights.
+        assert 0 < tunnel["bytes_up"] < 5_000_000 and tunnel["bytes_down"] > 0
+    finally:
+        lm.stop()
+
+
+def test_weights_cross_as_references_only_to_workers_that_hold_the_file(
+    tmp_path: Path, smollm2_path: Path
+) -> None:
+    """b holds the GGUF (references), c does not (weight bytes); the answer is the same."""
+    import shutil
+
+    reason = _engine_available()
+    if reason:
+        pytest.skip(f"llama.cpp binaries not installed: {reason}")
+    shared, private = tmp_path / "shared-models", tmp_path / "c-models"
+    shared.mkdir()
+    private.mkdir()
+    shutil.copy(smollm2_path, shared / "smol.gguf")
+    lm = LocalMesh(tmp_path / "m", extra_args=["--threads", "1"])
+    try:
+        # "smol" is a name in a models dir: c's own dir lacks it, so c cannot hold it.
+        a = lm.start_node("a", model="smol", max_vram_gb=4, args=["--models-dir", str(shared)])
+        token = lm.join_token(a)
+        b = lm.start_node("b", join=token, max_vram_gb=2, args=["--models-dir", str(shared)])
+        c = lm.start_node("c", join=token, max_vram_gb=1, args=["--models-dir", str(private)])
+        st = lm.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 3,
+                         timeout=300, what="engine ready on 3 nodes")  # fmt: skip
+        b_id, c_id = b.status()["node"]["id"], c.status()["node"]["id"]
+        assert st["plan"]["order"] == [b_id, c_id, st["node"]["id"]]
+        tunnels = st["tunnels"]
+        # b's ~28 MB share went as references; c's ~14 MB share went as bytes.
+        assert tunnels[b_id]["bytes_up"] < 2_000_000, tunnels
+        assert tunnels[c_id]["bytes_up"] > 10_000_000, tunnels
+        assert "Paris" in _ask(a, stream=False)
     finally:
         lm.stop()

@@ -87,6 +87,8 @@ def test_mesh_across_network_namespaces(hosts: list[str], tmp_path: Path) -> Non
         answer = json.loads(b.http_in_netns("POST", "/v1/chat/completions", body, 120))
         assert "Paris" in answer["choices"][0]["message"]["content"]
         tunnels = a.status()["tunnels"]
-        assert len(tunnels) == 2 and all(t["bytes_up"] > 1_000_000 for t in tunnels.values())
+        # Every machine holds the GGUF: weights crossed as references, not bytes.
+        assert len(tunnels) == 2
+        assert all(0 < t["bytes_up"] < 5_000_000 and t["bytes_down"] > 0 for t in tunnels.values())
     finally:
         lm.stop()
