@@ -74,6 +74,45 @@ def generate(base: str, n_tokens: int, runs: int) -> list[float]:
     return rates
 
 
+def _stream_one(base: str, n_tokens: int, t0: float) -> tuple[float, int]:
+    """One streamed request: (seconds from t0 to the first content token, tokens)."""
+    body = {"messages": PROMPT, "max_tokens": n_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    req = urllib.request.Request(
+        f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    first, tokens = -1.0, 0
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                tokens += 1
+                if first < 0:
+                    first = time.monotonic() - t0
+    return first, tokens
+
+
+def concurrent(base: str, clients: int, n_tokens: int) -> dict[str, float]:
+    """``clients`` streamed requests at once: aggregate tok/s, worst and one-stream TTFT."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    solo_ttft, _ = _stream_one(base, 4, time.monotonic())
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda _i: _stream_one(base, n_tokens, t0), range(clients)))
+    wall = time.monotonic() - t0
+    return {
+        "clients": clients,
+        "agg_tok_s": sum(n for _f, n in results) / wall,
+        "worst_ttft_s": max(f for f, _n in results),
+        "ttft_s": solo_ttft,
+    }
+
+
 def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as fh:
         return subprocess.Popen(
@@ -150,9 +189,42 @@ def bench_direct(
         wait_http(f"http://127.0.0.1:{http}{backend.health_path}")
         load = time.monotonic() - t0
         rates = generate(f"http://127.0.0.1:{http}", n_tokens, runs)
-        return {"load_s": load, "tok_s": sorted(rates)[len(rates) // 2], "runs": rates}
+        conc = concurrent(f"http://127.0.0.1:{http}", 8, n_tokens // 2)
+        return {"load_s": load, "tok_s": sorted(rates)[len(rates) // 2], "runs": rates,
+                "concurrent": conc}  # fmt: skip
     finally:
         stop(procs)
+
+
+def idle_cost(pids: list[int], seconds: float = 5.0) -> dict[str, float]:
+    """The sidecars' resident memory and CPU while the mesh idles (no requests)."""
+    import psutil
+
+    procs = [psutil.Process(pid) for pid in pids]
+    for p in procs:
+        p.cpu_percent(None)
+    time.sleep(seconds)
+    cpu = [p.cpu_percent(None) for p in procs]
+    rss = [p.memory_info().rss for p in procs]
+    return {"max_rss_mb": max(rss) / 2**20, "max_cpu_pct": max(cpu)}
+
+
+def kill_worker_and_wait(mesh: LocalMesh, host: Any, worker: Any) -> float:
+    """SIGKILL a worker's sidecar; seconds until the host answers a request again."""
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    deadline = t0 + 120
+    while time.monotonic() < deadline:
+        st = host.status()
+        if st["ready"] and len(st["plan"]["order"]) == 2:
+            try:
+                post(f"{host.url}/v1/chat/completions",
+                     {"messages": PROMPT, "max_tokens": 1, "temperature": 0}, timeout=30)
+                return time.monotonic() - t0
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise TimeoutError("the mesh did not serve again after a worker died")
 
 
 def bench_mesh(
@@ -178,7 +250,13 @@ def bench_mesh(
         before = st.get("tunnels", {})
         rates = generate(a.url, n_tokens, runs)
         after = a.status().get("tunnels", {})
+        conc = concurrent(a.url, 8, n_tokens // 2)
+        idle = idle_cost([n.proc.pid for n in mesh.nodes])
+        failover_s = kill_worker_and_wait(mesh, a, mesh.nodes[2])
         return {
+            "concurrent": conc,
+            "idle": idle,
+            "failover_s": failover_s,
             "load_s": load,
             "tok_s": sorted(rates)[len(rates) // 2],
             "runs": rates,
@@ -229,6 +307,16 @@ def main() -> int:
         f"down {down / 1e6:.1f} MB; per generated token "
         f"≈ {(up + down - load_up) / gen_tokens / 1e3:.1f} kB"
     )
+    dc, mc = direct["concurrent"], mesh["concurrent"]
+    print(
+        f"8 concurrent streams: aggregate {dc['agg_tok_s']:.1f} direct, {mc['agg_tok_s']:.1f} "
+        f"mesh = {mc['agg_tok_s'] / dc['agg_tok_s']:.2f}x; worst TTFT {dc['worst_ttft_s']:.2f} s "
+        f"direct, {mc['worst_ttft_s']:.2f} s mesh; one-stream TTFT ratio "
+        f"{mc['ttft_s'] / dc['ttft_s']:.2f}x"
+    )
+    idle = mesh["idle"]
+    print(f"sidecar idle: max RSS {idle['max_rss_mb']:.0f} MB, max CPU {idle['max_cpu_pct']:.1f}%")
+    print(f"worker killed -> serving again: {mesh['failover_s']:.2f} s")
     if args.json:
         args.json.write_text(json.dumps({"direct": direct, "mesh": mesh}, indent=2))
     return 0
