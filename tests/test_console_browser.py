@@ -84,6 +84,7 @@ def test_console_end_to_end(mesh: dict[str, Any], browser: Any, tmp_path: Path) 
     page.wait_for_selector("#login-token", state="visible", timeout=15000)
     assert "open the url printed by" in page.locator("#login").inner_text().lower()
     assert not page.locator(".tabs").is_visible()
+    page.screenshot(path=str(shots / "console-login.png"))
     public = page.evaluate("fetch('/api/status').then((r) => r.json())")
     assert public["join_token"] is None and public["node"]["name"] == "gaming-pc"
 
