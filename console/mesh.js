@@ -2,7 +2,19 @@ import { el, fmtBytes } from "./util.js";
 
 const roleOrder = { host: 0, worker: 1, standby: 2, client: 3 };
 
-function card(node, you, engineState) {
+// This node copying the model file from a peer (status "model_fetch", models/transfer.py).
+function fetchLine(f, names) {
+  if (!f) return null;
+  const from = names[f.from] || (f.from || "a peer").slice(0, 8);
+  let text;
+  if (f.state === "fetching") text = el("progress", { max: f.total || 1, value: f.bytes || 0, title: `from ${from}` });
+  else if (f.state === "retrying") text = `retrying (from ${from})`;
+  else if (f.state === "done") text = `copied from ${from}`;
+  else text = "not copied";
+  return [el("dt", {}, "model file"), el("dd", { title: f.error || null }, text)];
+}
+
+function card(node, you, engineState, fetch) {
   const dead = node.status === "dead" || node.status === "left";
   const share = node.share;
   return el("article", { class: `card ${node.role === "host" ? "host" : ""} ${dead ? "dead" : ""}`, "data-node": node.id },
@@ -15,7 +27,8 @@ function card(node, you, engineState) {
       el("dt", {}, "layers"), el("dd", {}, share === null || share === undefined ? "–" : `${Math.round(share * 100)}%`),
       el("dt", {}, "link RTT"), el("dd", {}, you ? "–" : node.rtt_ms === null || node.rtt_ms === undefined ? "–" : `${node.rtt_ms.toFixed(1)} ms`),
       el("dt", {}, "status"), el("dd", {}, you ? "alive" : node.status || "–"),
-      node.role === "host" ? [el("dt", {}, "engine"), el("dd", {}, engineState)] : null),
+      node.role === "host" ? [el("dt", {}, "engine"), el("dd", {}, engineState)] : null,
+      fetch),
     el("div", { class: "share", title: "share of the model's layers" },
       el("div", { style: `width:${Math.round((share || 0) * 100)}%` })));
 }
@@ -37,5 +50,8 @@ export function renderMesh(st) {
   const me = { ...st.node, status: "alive" };
   const nodes = [me, ...(st.peers || []).filter((p) => p.status !== "dead" && p.status !== "left")];
   nodes.sort((a, b) => (roleOrder[a.role] ?? 9) - (roleOrder[b.role] ?? 9) || (b.memory_bytes - a.memory_bytes));
-  document.getElementById("cards").replaceChildren(...nodes.map((n) => card(n, n.id === st.node.id, engine.state)));
+  const names = Object.fromEntries(nodes.map((n) => [n.id, n.name || n.id.slice(0, 8)]));
+  const fetch = fetchLine(st.model_fetch, names);
+  document.getElementById("cards").replaceChildren(
+    ...nodes.map((n) => card(n, n.id === st.node.id, engine.state, n.id === st.node.id ? fetch : null)));
 }

@@ -72,7 +72,8 @@ export function onDownload(ev) {
   if (ev.done) refreshModels();
   else {
     const row = document.querySelector(`tr[data-model="${CSS.escape(ev.ref)}"] progress`);
-    if (row) { row.max = ev.total_bytes || 1; row.value = ev.downloaded_bytes; } else refreshModels();
+    if (row) { row.max = ev.total_bytes || 1; row.value = ev.downloaded_bytes; }
+    else if (!("from" in ev)) refreshModels(); // a copy from a peer shows on the mesh card
   }
 }
 

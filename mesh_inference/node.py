@@ -10,6 +10,8 @@ The parts and what they own:
 - ``core.membership.Membership`` -- who is alive (fed frames and ``now``);
 - ``core.meshmodel`` -- which model, which plan (pure functions of members);
 - ``models.local.LocalModel`` -- this node's file of the mesh model;
+- ``models.transfer`` -- that file copied from a peer (``ModelFetcher``), or to one
+  (``FileServer``);
 - ``net.endpoint.MeshEndpoint`` -- authenticated QUIC connections and streams;
 - ``net.dialer.Dialer`` -- bootstrap, gossip and mDNS dials with back-off;
 - ``engine.worker.WorkerService`` -- the local rpc-server; tunnels only from the host;
@@ -71,6 +73,14 @@ from mesh_inference.machine.state import (
 )
 from mesh_inference.models.local import LocalModel
 from mesh_inference.models.refs import ModelError, read_gguf_metadata, resolve_model
+from mesh_inference.models.transfer import (
+    FetchTarget,
+    FileServer,
+    HeldFile,
+    ModelFetcher,
+    Unfetchable,
+    fetch_target,
+)
 from mesh_inference.net.addresses import local_addresses
 from mesh_inference.net.dialer import Dialer
 from mesh_inference.net.discovery import Discovery
@@ -105,6 +115,8 @@ class NodeConfig:
     timers: MembershipTimers = field(default_factory=MembershipTimers)
     console_dir: Path | None = None
     allowed_hosts: tuple[str, ...] = ()  # --allow-host: more names the HTTP API answers to
+    # --no-model-copy: never copy the mesh model's file from a peer (weights cross over RPC).
+    no_model_copy: bool = False
 
 
 class DiscoveryLike(Protocol):
@@ -144,6 +156,8 @@ class Node:
         self._model = LocalModel(
             config.models_dir, config.state_dir / "model-index", self._local_changed
         )
+        self._fetcher: ModelFetcher | None = None
+        self._files = FileServer(self._held_file)
         self._memory = MemoryOffer(0, "none", "")
         self._plan: PlanResult | None = None
         self._planned: tuple[PlanResult | None, str | None, Path | None] | None = None
@@ -241,6 +255,10 @@ class Node:
                 transforms_for=self._host_transforms,
             )
             await self._worker.start()
+            if not cfg.client and not cfg.no_model_copy:
+                self._fetcher = ModelFetcher(
+                    self._open_fetch, on_change=self._fetch_changed, on_done=self._fetched
+                )
 
         self._members.start()
         self._ticker = asyncio.ensure_future(self._status_ticker())
@@ -285,6 +303,8 @@ class Node:
                 await self._ticker
         if self._dialer is not None:
             await self._dialer.close()
+        if self._fetcher is not None:
+            await self._fetcher.close()
         if self._host is not None:
             await self._host.stop()
         if self._worker is not None:
@@ -383,6 +403,8 @@ class Node:
             self._local_changed()  # announces the adoption, then re-plans
             return
         plan = plan_for(members, choice)
+        if self._fetcher is not None:
+            self._fetcher.want(self._model.ref, self._fetch_target(members, plan))
         planned = (plan, self._model.ref, self._model.path)
         if planned != self._planned:
             log.info("plan for %s: %s", self._model.ref, plan)
@@ -420,6 +442,43 @@ class Node:
         )  # fmt: skip
         return host_transforms(weights) if theirs == mine else PASS_THROUGH
 
+    # ------------------------------------------------------------------ model copies
+    def _fetch_target(
+        self, members: list[NodeInfo], plan: PlanResult | None
+    ) -> FetchTarget | Unfetchable | None:
+        """What to copy from a peer: the mesh model, when it is not here (models/transfer.py)."""
+        ref = self._model.ref
+        if ref is None or self._model.resolved is not None:
+            return None
+        return fetch_target(ref, members, self.config.models_dir, self.node_id, host_of(plan))
+
+    def _held_file(self, sha256: str) -> HeldFile | None:
+        """Peers may copy the mesh model's file, and only that one, named by its digest."""
+        weights = self._model.weights
+        if weights is None or weights.index.sha256 != sha256:
+            return None
+        return HeldFile(weights.path, weights.index.size)
+
+    async def _open_fetch(self, peer: str, payload: bytes) -> tuple[asyncio.StreamReader, Any]:
+        assert self._endpoint is not None
+        return await self._endpoint.open_stream(peer, MessageType.FETCH_MODEL, payload)
+
+    def _fetch_changed(self) -> None:
+        status = self._fetcher.status if self._fetcher is not None else None
+        if status is not None and self.events.has_subscribers:
+            self.publish("download", {
+                "ref": status.ref, "name": status.ref, "from": status.source,
+                "downloaded_bytes": status.bytes, "total_bytes": status.total or None,
+                "done": status.state in ("done", "unsupported"), "error": status.error,
+            })  # fmt: skip
+        self._publish_status()
+
+    def _fetched(self, target: FetchTarget) -> None:
+        """The file is here now: find it, index it, announce it (then plans use references)."""
+        if self._model.ref == target.ref and self._model.resolved is None:
+            self._model.adopt(self._model.epoch, target.ref)
+            self._local_changed()
+
     # ------------------------------------------------------------------ streams
     async def _open_tunnel(self, worker: str) -> tuple[asyncio.StreamReader, Any]:
         assert self._endpoint is not None
@@ -436,6 +495,8 @@ class Node:
         elif first.type == MessageType.TASK and self._session is not None:
             # A peer reaches the OpenAI routes only, served here directly.
             await serve_task(reader, writer, make_task_handler(self, self._session), first=first)
+        elif first.type == MessageType.FETCH_MODEL:
+            await self._files.serve(peer_id, first, writer)
         else:
             writer.close()
 
@@ -470,6 +531,7 @@ class Node:
             "name": self._model.served_name(),
             "size_bytes": self._model.size_bytes or None,
             "layers": self._model.layers,
+            "sha256": self._model.sha256,
         }
         return build_status(
             StatusInputs(
@@ -490,6 +552,9 @@ class Node:
                 backend_error=self._backend_error,
                 model=model,
                 tunnels=self._host.tunnel_stats() if self._host else {},
+                model_fetch=self._fetcher.status.as_json()
+                if self._fetcher is not None and self._fetcher.status is not None
+                else None,
             )
         )
 

@@ -98,7 +98,7 @@ def test_oversized_payload_is_refused_from_the_header_alone() -> None:
     assert FrameDecoder(max_payload=1024).feed(header(MessageType.BODY, 0, 1024) + bytes(1024))
 
 
-@pytest.mark.parametrize("type_", [0x00, 0x04, 0x0F, 0x19, 0x99, 0xFF])
+@pytest.mark.parametrize("type_", [0x00, 0x04, 0x0F, 0x1B, 0x99, 0xFF])
 def test_unknown_type_is_refused(type_: int) -> None:
     with pytest.raises(ProtocolError, match="unknown frame type"):
         FrameDecoder().feed(header(type_, 0, 0))

@@ -204,23 +204,28 @@ def test_embedded_engine_serves_a_two_node_mesh(tmp_path: Path) -> None:
 def test_weights_cross_as_references_only_to_workers_that_hold_the_file(
     tmp_path: Path, smollm2_path: Path
 ) -> None:
-    """b holds the GGUF (references), c does not (weight bytes); the answer is the same."""
+    """b holds the GGUF (references), c runs with --no-model-copy (weight bytes), d copies
+    the file from a peer and then gets references too; the answer is the same."""
+    import hashlib
     import shutil
+    import time
 
     reason = _engine_available()
     if reason:
         pytest.skip(f"llama.cpp binaries not installed: {reason}")
-    shared, private = tmp_path / "shared-models", tmp_path / "c-models"
+    shared, c_dir, d_dir = tmp_path / "shared-models", tmp_path / "c-models", tmp_path / "d-models"
     shared.mkdir()
-    private.mkdir()
+    c_dir.mkdir()
     shutil.copy(smollm2_path, shared / "smol.gguf")
+    sha = hashlib.sha256(smollm2_path.read_bytes()).hexdigest()
     lm = LocalMesh(tmp_path / "m", extra_args=["--threads", "1"])
     try:
-        # "smol" is a name in a models dir: c's own dir lacks it, so c cannot hold it.
+        # "smol" is a name in a models dir: c's and d's own dirs lack it.
         a = lm.start_node("a", model="smol", max_vram_gb=4, args=["--models-dir", str(shared)])
         token = lm.join_token(a)
         b = lm.start_node("b", join=token, max_vram_gb=2, args=["--models-dir", str(shared)])
-        c = lm.start_node("c", join=token, max_vram_gb=1, args=["--models-dir", str(private)])
+        c = lm.start_node("c", join=token, max_vram_gb=1,
+                          args=["--models-dir", str(c_dir), "--no-model-copy"])  # fmt: skip
         st = lm.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 3,
                          timeout=300, what="engine ready on 3 nodes")  # fmt: skip
         b_id, c_id = b.status()["node"]["id"], c.status()["node"]["id"]
@@ -229,6 +234,32 @@ def test_weights_cross_as_references_only_to_workers_that_hold_the_file(
         # b's ~28 MB share went as references; c's ~14 MB share went as bytes.
         assert tunnels[b_id]["bytes_up"] < 2_000_000, tunnels
         assert tunnels[c_id]["bytes_up"] > 10_000_000, tunnels
+        assert "Paris" in _ask(a, stream=False)
+        assert c.status()["model_fetch"] is None and not list(c_dir.iterdir())
+
+        # d has no copy and no --no-model-copy: it copies the file from a peer (verified),
+        # announces the same sha256, and from the next load on it gets references.
+        d = lm.start_node("d", join=token, max_vram_gb=1, args=["--models-dir", str(d_dir)])
+        d_st = lm.wait_for(
+            d, lambda s: (s["model_fetch"] or {}).get("state") == "done"
+            and s["model"]["sha256"] == sha, timeout=300, what="d copied the model file",
+        )  # fmt: skip
+        d_id = d_st["node"]["id"]
+        assert d_st["model_fetch"]["from"] in (st["node"]["id"], b_id)
+        assert (d_dir / "smol.gguf").stat().st_size == smollm2_path.stat().st_size
+        lm.wait_for(a, lambda s: any(p["id"] == d_id and p["model_sha256"] == sha
+                                     for p in s["peers"]), what="a sees d's copy")  # fmt: skip
+        time.sleep(1.0)  # the relaunch that follows has begun
+        st = lm.wait_for(a, lambda s: s["ready"] and len(s["plan"]["order"]) == 4,
+                         timeout=300, what="engine ready on 4 nodes")  # fmt: skip
+        before = st["tunnels"][d_id]["bytes_up"]
+        c.kill(signal.SIGTERM)  # one more relaunch: c leaves
+        st = lm.wait_for(
+            a, lambda s: s["ready"] and s["plan"]["order"] == [b_id, d_id, s["node"]["id"]],
+            timeout=300, what="engine ready on a, b, d",
+        )  # fmt: skip
+        # d's ~25 MB share crossed as references this time.
+        assert st["tunnels"][d_id]["bytes_up"] - before < 2_000_000, st["tunnels"]
         assert "Paris" in _ask(a, stream=False)
     finally:
         lm.stop()

@@ -17,11 +17,13 @@ from mesh_inference.core.messages import (
     MAX_HEADERS,
     MAX_RECORDS,
     ErrorMessage,
+    FetchModel,
     Goodbye,
     Gossip,
     Heartbeat,
     MemberRecord,
     Message,
+    ModelFile,
     NodeInfo,
     OpenTunnel,
     ResultHead,
@@ -63,6 +65,10 @@ EXAMPLES: list[Message] = [
     TaskHead("GET", "/v1/models", ()),
     ResultHead(200, (("content-type", "text/event-stream"), ("set-cookie", "a=b; Path=/"))),
     ResultHead(503, ()),
+    FetchModel("ab" * 32, 0),
+    FetchModel("0" * 64, 40 << 30),
+    ModelFile(0),
+    ModelFile(40 << 30),
 ]
 
 
@@ -82,6 +88,9 @@ def test_wire_shapes_follow_the_design() -> None:
     assert rec["info"]["node_id"] == INFO.node_id and rec["info"]["addrs"] == list(INFO.addrs)
     task = json.loads(encode_payload(TaskHead("GET", "/health", (("a", "1"),))))
     assert task == {"method": "GET", "path": "/health", "headers": [["a", "1"]]}
+    fetch = json.loads(encode_payload(FetchModel("ab" * 32, 7)))
+    assert fetch == {"sha256": "ab" * 32, "offset": 7}
+    assert json.loads(encode_payload(ModelFile(9))) == {"size": 9}
 
 
 def test_message_types() -> None:
@@ -92,6 +101,8 @@ def test_message_types() -> None:
     assert message_type(OpenTunnel("rpc")) is MessageType.OPEN_TUNNEL
     assert message_type(TaskHead("GET", "/", ())) is MessageType.TASK
     assert message_type(ResultHead(200, ())) is MessageType.RESULT
+    assert message_type(FetchModel("0" * 64, 0)) is MessageType.FETCH_MODEL
+    assert message_type(ModelFile(0)) is MessageType.MODEL_FILE
     with pytest.raises(TypeError):
         message_type(INFO)  # type: ignore[arg-type]
 
@@ -224,6 +235,15 @@ INVALID: list[tuple[str, MessageType, bytes, str]] = [
     ("status low", R, b'{"status":99,"headers":[]}', "outside"),
     ("status high", R, b'{"status":600,"headers":[]}', "outside"),
     ("status string", R, b'{"status":"200","headers":[]}', "integer"),
+    # model files
+    ("fetch sha upper", MessageType.FETCH_MODEL, b'{"sha256":"' + b"AB" * 32 + b'","offset":0}',
+     "hex"),
+    ("fetch sha path", MessageType.FETCH_MODEL, b'{"sha256":"../x","offset":0}', "hex"),
+    ("fetch offset neg", MessageType.FETCH_MODEL, b'{"sha256":"' + b"a" * 64 + b'","offset":-1}',
+     "outside"),
+    ("fetch no offset", MessageType.FETCH_MODEL, b'{"sha256":"' + b"a" * 64 + b'"}', "offset"),
+    ("file size neg", MessageType.MODEL_FILE, b'{"size":-1}', "outside"),
+    ("file size huge", MessageType.MODEL_FILE, b'{"size":1e30}', "integer"),
     # frames that carry no JSON message here
     ("hello", MessageType.HELLO, b"{}", "no message payload"),
     ("proof", MessageType.PROOF, b"{}", "no message payload"),
@@ -322,6 +342,9 @@ messages = st.one_of(
               st.from_regex(r"/[a-z0-9/?=&.%-]{0,30}", fullmatch=True)
               .filter(lambda p: not p.startswith("//")), header_pairs),
     st.builds(ResultHead, st.integers(100, 599), header_pairs),
+    st.builds(FetchModel, st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
+              st.integers(0, 1 << 60)),
+    st.builds(ModelFile, st.integers(0, 1 << 60)),
 )
 
 
@@ -334,7 +357,8 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
     lambda children: st.lists(children, max_size=4)
     | st.dictionaries(st.sampled_from(["inc", "records", "info", "reason", "node_id", "addrs",
-                                       "status", "method", "path", "headers", "service"]),
+                                       "status", "method", "path", "headers", "service",
+                                       "sha256", "offset", "size"]),
                       children, max_size=5),
     max_leaves=30,
 )

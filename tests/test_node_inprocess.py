@@ -24,6 +24,7 @@ from mesh_inference.core.dcf import MessageType
 from mesh_inference.core.membership import MembershipTimers
 from mesh_inference.core.messages import OpenTunnel, encode_payload
 from mesh_inference.engine.backends import EngineBackend
+from mesh_inference.engine.weights import PASS_THROUGH
 from mesh_inference.machine.resources import GIB, MemoryOffer
 from mesh_inference.node import Node, NodeConfig, NodeIO
 
@@ -55,10 +56,11 @@ class StandInBackend(EngineBackend):
 
 
 def make_node(tmp: Path, name: str, gib: int, **over: Any) -> Node:
-    config = NodeConfig(
+    settings: dict[str, Any] = dict(
         state_dir=tmp / name, name=name, http_port=0, quic_host="127.0.0.1", quic_port=0,
-        mdns=False, models_dir=tmp / "models", threads=1, timers=FAST, **over,
+        mdns=False, models_dir=tmp / "models", threads=1, timers=FAST,
     )  # fmt: skip
+    config = NodeConfig(**{**settings, **over})
     io = NodeIO(
         backend=lambda _c: StandInBackend(),
         memory=lambda _c: MemoryOffer(gib * GIB, "override", "test"),
@@ -176,6 +178,62 @@ async def test_a_node_that_joins_later_is_planned_in(tmp_path: Path) -> None:
         # the new, bigger node becomes the host, and a serves as its worker.
         assert a.status()["host_id"] == b.node_id
         assert a.status()["plan"]["order"] == [a.node_id, b.node_id]
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+def peer_entry(node: Node, peer_id: str) -> dict[str, Any]:
+    return next(p for p in node.status()["peers"] if p["id"] == peer_id)
+
+
+async def test_a_worker_without_the_file_copies_it_from_a_holder(tmp_path: Path) -> None:
+    shared, private = tmp_path / "models", tmp_path / "b-models"
+    shared.mkdir()
+    model = tiny_gguf(shared / "tiny.gguf")
+    a = make_node(tmp_path, "a", 4, model_ref="tiny")  # a name in a's models dir only
+    await a.start()
+    b = make_node(tmp_path, "b", 2, join=a.join_token, models_dir=private)
+    try:
+        await b.start()
+        await until(lambda: b._model.sha256 is not None, "b copied the file and indexed it")
+        assert (private / "tiny.gguf").read_bytes() == model.read_bytes()
+        assert not (private / "tiny.gguf.part").exists()
+        fetch = b.status()["model_fetch"]
+        assert fetch["state"] == "done" and fetch["from"] == a.node_id
+        assert fetch["bytes"] == fetch["total"] == model.stat().st_size
+        # b now announces the very file the host has: it is a holder, sent references.
+        await until(
+            lambda: peer_entry(a, b.node_id)["model_sha256"] == a._model.sha256
+            and ready_with(a, 2),
+            "a plans b in as a holder of the same file",
+        )
+        assert peer_entry(a, b.node_id)["has_model"] is True
+        assert a.status()["plan"]["order"] == [b.node_id, a.node_id]
+        assert a._host_transforms(b.node_id) is not PASS_THROUGH
+        assert a._files.sent_bytes == model.stat().st_size
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+async def test_no_model_copy_keeps_a_byte_worker(tmp_path: Path) -> None:
+    shared, private = tmp_path / "models", tmp_path / "b-models"
+    shared.mkdir()
+    tiny_gguf(shared / "tiny.gguf")
+    a = make_node(tmp_path, "a", 4, model_ref="tiny")
+    await a.start()
+    b = make_node(tmp_path, "b", 2, join=a.join_token, models_dir=private, no_model_copy=True)
+    try:
+        await b.start()
+        await until(lambda: ready_with(a, 2) and a._model.sha256 is not None, "b planned in")
+        await asyncio.sleep(0.5)  # time enough for a copy, if one were made
+        assert a.status()["plan"]["order"] == [b.node_id, a.node_id]
+        assert b.status()["model_fetch"] is None and not private.exists()
+        assert peer_entry(a, b.node_id)["has_model"] is False
+        assert a._host_transforms(b.node_id) is PASS_THROUGH  # weights cross as bytes
+        assert a._files.sent_bytes == 0
+        assert len((await ask(b))["rpc"]) == 2
     finally:
         await b.stop()
         await a.stop()

@@ -41,6 +41,9 @@ class StatusInputs:
     backend_error: str | None
     model: dict[str, Any]
     tunnels: dict[str, dict[str, int]]
+    # This node's copy of the model file from a peer (models/transfer.py): ref, state,
+    # from, bytes, total, error; None when it fetches nothing.
+    model_fetch: dict[str, Any] | None = None
 
 
 def _plan_json(plan: PlanResult | None) -> tuple[dict[str, Any], dict[str, float]]:
@@ -99,6 +102,8 @@ def build_status(s: StatusInputs) -> dict[str, Any]:
                 "rtt_ms": None if rtt is None else round(rtt * 1000, 2),
                 "share": shares.get(info.node_id),
                 "engine_state": info.engine_state,
+                "has_model": info.has_model,
+                "model_sha256": info.model_sha256,
             }
         )
     if host is not None and host != s.node_id and not any(p["id"] == host for p in peers):
@@ -130,6 +135,7 @@ def build_status(s: StatusInputs) -> dict[str, Any]:
         },
         "ready": host_engine == "ready",
         "tunnels": s.tunnels,
+        "model_fetch": s.model_fetch,
         "join_token": s.join_token,
         "version": __version__,
         "time": time.time(),

@@ -134,6 +134,12 @@ def _parse_port(value: int, flag: str) -> int:
     type=click.Path(file_okay=False, path_type=Path),
     help="Local models directory (default: $MESH_INFERENCE_MODELS or ./local-models).",
 )
+@click.option(
+    "--no-model-copy",
+    is_flag=True,
+    help="Never copy the mesh model's file from a peer: the host sends this node its "
+    "share of the weights over RPC on every load (for machines without disk space).",
+)
 @click.option("--name", help="Human-readable node name (default: host name).")
 @click.option(
     "--ctx-size",
@@ -210,6 +216,7 @@ def _run_node(**opts: Any) -> None:
         threads=opts["threads"],
         timers=MembershipTimers(),
         console_dir=_console_dir(),
+        no_model_copy=opts["no_model_copy"],
     )
 
     if config.model_ref is not None:
@@ -291,6 +298,9 @@ async def _report_progress(node: Any) -> None:
                 line = f"no plan yet: {plan.get('reason') or 'looking for peers'}"
             else:
                 line = f"engine {engine['state']} ({len(plan['order'])} node(s))"
+            fetch = _fetch_line(st)
+            if fetch:
+                line = f"{line}; {fetch}"
             if line != last:
                 last = line
                 if status_ctx is not None:
@@ -300,6 +310,18 @@ async def _report_progress(node: Any) -> None:
     finally:
         if status_ctx is not None:
             status_ctx.stop()
+
+
+def _fetch_line(st: dict[str, Any]) -> str | None:
+    """"fetching model X from <peer>: 45%" while this node copies the model file from a peer."""
+    fetch = st.get("model_fetch")
+    if not fetch or fetch["state"] not in ("fetching", "retrying"):
+        return None
+    names = {p["id"]: p["name"] for p in st.get("peers", [])}
+    peer = names.get(fetch["from"]) or fetch["from"] or "a peer"
+    pct = 100 * fetch["bytes"] // fetch["total"] if fetch["total"] else 0
+    line = f"fetching model {fetch['ref']} from {peer}: {pct}%"
+    return f"{line} (retrying: {fetch['error']})" if fetch["state"] == "retrying" else line
 
 
 def _node_url(state_dir: Path, url: str | None) -> str:

@@ -46,6 +46,8 @@ class MessageType(IntEnum):
     BODY = 0x16  # a chunk of an HTTP body following a TASK or RESULT
     ERROR = 0x17  # a peer-visible error (reason text), then close
     CREDIT = 0x18  # stream credit: the receiver consumed bytes, the sender may send more
+    FETCH_MODEL = 0x19  # first frame of a model-file stream: which file (sha256), from where
+    MODEL_FILE = 0x1A  # the holder's answer on that stream: the file's size, then raw bytes
 
 
 class ProtocolError(Exception):

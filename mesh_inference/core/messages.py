@@ -5,7 +5,8 @@ Public API:
 - frozen dataclasses :class:`NodeInfo`, :class:`MemberRecord`,
   :class:`Heartbeat`, :class:`Gossip`, :class:`Goodbye`,
   :class:`ErrorMessage`, :class:`OpenTunnel`, :class:`TaskHead`,
-  :class:`ResultHead`, :class:`Credit`; ``Message`` is their union (without ``NodeInfo`` and
+  :class:`ResultHead`, :class:`Credit`, :class:`FetchModel`, :class:`ModelFile`;
+  ``Message`` is their union (without ``NodeInfo`` and
   ``MemberRecord``, which only travel inside a :class:`Gossip`);
 - ``encode_payload(msg) -> bytes``: UTF-8 JSON; raises ``ValueError`` if the
   message would not pass :func:`decode_payload` on the other side (a bug
@@ -25,7 +26,10 @@ OpenTunnel ``{"service"}``; Task ``{"method","path","headers"}`` and Result
 ``{"status","headers"}`` where headers is a list of ``[name, value]`` pairs
 (an object could not carry repeated header names); Credit ``{"s": stream id,
 "n": bytes}`` (the receiver of stream ``s`` consumed ``n`` more bytes, so its
-sender may have that much more in flight; handled inside the peer session).
+sender may have that much more in flight; handled inside the peer session);
+FetchModel ``{"sha256": 64 hex, "offset"}`` opens a model-file stream and
+ModelFile ``{"size"}`` answers it (then the file's bytes from ``offset``;
+see models/transfer.py).
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ __all__ = [
     "STATUSES",
     "Credit",
     "ErrorMessage",
+    "FetchModel",
     "Goodbye",
     "Gossip",
     "Heartbeat",
     "MemberRecord",
     "Message",
+    "ModelFile",
     "NodeInfo",
     "OpenTunnel",
     "ResultHead",
@@ -183,8 +189,24 @@ class Credit:
     n: int
 
 
+@dataclass(frozen=True, slots=True)
+class FetchModel:
+    """First frame of a model-file stream: the file whose sha256 is ``sha256``, from ``offset``."""
+
+    sha256: str  # 64 lowercase hex
+    offset: int  # bytes the fetcher already has (a resumed transfer)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFile:
+    """The holder's answer to :class:`FetchModel`: the whole file's size; bytes follow."""
+
+    size: int
+
+
 Message = (
     Heartbeat | Gossip | Goodbye | ErrorMessage | OpenTunnel | TaskHead | ResultHead | Credit
+    | FetchModel | ModelFile
 )
 
 _TYPES: dict[type[Any], MessageType] = {
@@ -196,6 +218,8 @@ _TYPES: dict[type[Any], MessageType] = {
     TaskHead: MessageType.TASK,
     ResultHead: MessageType.RESULT,
     Credit: MessageType.CREDIT,
+    FetchModel: MessageType.FETCH_MODEL,
+    ModelFile: MessageType.MODEL_FILE,
 }
 
 
@@ -246,6 +270,10 @@ def _to_json(msg: Message) -> dict[str, Any]:
         return {"status": msg.status, "headers": [list(h) for h in msg.headers]}
     if isinstance(msg, Credit):
         return {"s": msg.stream_id, "n": msg.n}
+    if isinstance(msg, FetchModel):
+        return {"sha256": msg.sha256, "offset": msg.offset}
+    if isinstance(msg, ModelFile):
+        return {"size": msg.size}
     raise TypeError(f"not a DCF message: {type(msg).__name__}")
 
 
@@ -473,6 +501,17 @@ def _credit(o: _Obj) -> Credit:
     return Credit(o.int_("s", 0, MAX_STREAM_ID), o.int_("n", 1, MAX_CREDIT))
 
 
+def _fetch_model(o: _Obj) -> FetchModel:
+    sha = o.str_("sha256", 64)
+    if not _SHA256_HEX.fullmatch(sha):
+        raise o.fail("sha256", "not 64 lowercase hex characters")
+    return FetchModel(sha, o.int_("offset", 0, MAX_MEMORY))
+
+
+def _model_file(o: _Obj) -> ModelFile:
+    return ModelFile(o.int_("size", 0, MAX_MEMORY))
+
+
 _DECODERS: dict[MessageType, Callable[[_Obj], Message]] = {
     MessageType.HEARTBEAT: _heartbeat,
     MessageType.GOSSIP: _gossip,
@@ -482,6 +521,8 @@ _DECODERS: dict[MessageType, Callable[[_Obj], Message]] = {
     MessageType.TASK: _task,
     MessageType.RESULT: _result,
     MessageType.CREDIT: _credit,
+    MessageType.FETCH_MODEL: _fetch_model,
+    MessageType.MODEL_FILE: _model_file,
 }
 
 

@@ -10,7 +10,7 @@ Public API::
     s.receive_datagram(data, addr, now); s.handle_timer(now)        # inputs
     s.datagrams_to_send(now) -> [(data, addr)]; s.get_timer()       # outputs
     s.next_event() -> SessionEvent | None                           # what happened, in order
-    sid = s.open_stream(first_type, first_payload)   # OpenTunnel/Task frame, sent at once
+    sid = s.open_stream(first_type, first_payload)   # OpenTunnel/Task/FetchModel, sent at once
     sid = s.open_stream_raw()                        # the caller sends the first frame
     s.send_data(sid, data); s.end_stream(sid)        # ConnectionResetError if unwritable
     s.close_stream(sid)                              # reset unless FIN was asked; stop reading
@@ -40,7 +40,7 @@ connection -- except on the dialer between the acceptor's verified Proof
 and its Welcome, where streams are held (bounded) since different streams
 are not ordered.
 
-Every other stream starts with one DCF frame (OpenTunnel or Task) that the
+Every other stream starts with one DCF frame (OpenTunnel, Task or FetchModel) that the
 session decodes and reports with ``StreamOpened``; the bytes after it come
 as ``StreamDataReceived``. Data on a stream the session already forgot is
 dropped: it is late, not a new stream.
@@ -111,7 +111,9 @@ MAX_DONE_OUT_OF_ORDER = 4096
 HANDSHAKE_TIMEOUT = 5.0
 RTT_INTERVAL = 2.0
 _HANDSHAKE_TYPES = frozenset({MessageType.HELLO, MessageType.PROOF, MessageType.WELCOME})
-STREAM_TYPES = frozenset({MessageType.OPEN_TUNNEL, MessageType.TASK})
+STREAM_TYPES = frozenset(
+    {MessageType.OPEN_TUNNEL, MessageType.TASK, MessageType.FETCH_MODEL}
+)
 
 # Application error codes (CONNECTION_CLOSE, RESET_STREAM, STOP_SENDING).
 ERR_NONE = 0x0
@@ -170,7 +172,7 @@ class ControlFrameReceived:
 @dataclass(frozen=True, slots=True)
 class StreamOpened:
     stream_id: int
-    first_frame: Frame  # OpenTunnel or Task
+    first_frame: Frame  # OpenTunnel, Task or FetchModel
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,12 @@ Public API:
   Refs: a path to a ``.gguf``; a file name (with or without ``.gguf``) in
   ``models_dir``; a catalog name; ``hf://owner/repo[@revision]/path/file.gguf``.
   A split GGUF (``-00001-of-0000N.gguf``) counts as here only when every
-  part is.
+  part is. A path that does not exist here is looked for as
+  ``models_dir/<its base name>`` (where a copy fetched from a peer lands).
+- ``local_copy_path(ref, models_dir) -> Path``: where a copy of a
+  single-file model must be put for ``resolve_model`` to find it (the
+  download naming for catalog and ``hf://`` refs); ``ModelError`` for split
+  models and refs that name no file.
 - ``read_gguf_metadata(path) -> GgufInfo``: architecture, layers, context,
   size (all parts of a split model), quantization.
 - ``list_local_models(models_dir) -> list[ResolvedModel]``.
@@ -332,7 +337,11 @@ def resolve_model(ref: str, models_dir: Path | None = None) -> ResolvedModel:
     as_path = Path(ref).expanduser()
     if ref.endswith(".gguf") and ("/" in ref or as_path.is_file()):
         if not as_path.is_file():
-            raise ModelError(f"model file {ref} does not exist")
+            # Another machine's path: a copy of it (fetched from a peer) is in models_dir.
+            copy = models_dir / as_path.name
+            if not _NAME.match(as_path.name) or not copy.is_file():
+                raise ModelError(f"model file {ref} does not exist")
+            as_path = copy
         first = _first_part(as_path)
         check_gguf(first)
         _check_complete(first)
@@ -371,6 +380,37 @@ def resolve_model(ref: str, models_dir: Path | None = None) -> ResolvedModel:
         entry=entry,
         hf=HfRef(entry.repo, entry.file, entry.revision),
     )
+
+
+def local_copy_path(ref: str, models_dir: Path) -> Path:
+    """Where a copy of the single-file model ``ref`` goes so that :func:`resolve_model` finds it.
+
+    Catalog and ``hf://`` refs: the download's file name; a name: ``<name>.gguf``
+    in ``models_dir``; a path: its base name in ``models_dir``.
+    """
+    ref = ref.strip() if isinstance(ref, str) else ""
+    if not ref or len(ref) > MAX_REF_LENGTH or "\0" in ref:
+        raise ModelError("empty or over-long model reference")
+    if ref.startswith("hf://"):
+        dest = local_file_for(parse_hf(ref).file, models_dir)
+    elif ref.endswith(".gguf") and "/" in ref:
+        name = Path(ref).name
+        if not _NAME.match(name):
+            raise ModelError(f"{ref!r}: {name!r} is not a usable file name")
+        dest = models_dir / name
+    elif not _NAME.match(ref):
+        raise ModelError(f"{ref!r} is not a model path, name or hf:// reference")
+    elif ref.endswith(".gguf"):
+        dest = models_dir / ref
+    else:
+        entry = next((e for e in load_catalog() if e.name == ref), None)
+        dest = local_file_for(entry.file, models_dir) if entry else models_dir / f"{ref}.gguf"
+    if len(split_parts(dest)) > 1:
+        raise ModelError(
+            f"{dest.name} is part of a split (multi-part) GGUF: peers copy single-file "
+            "models only; download it, or copy every part into the models folder"
+        )
+    return dest
 
 
 # ---------------------------------------------------------------------------
