@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -480,3 +481,108 @@ async def test_restarted_peer_replaces_its_silent_old_connection(
     assert a.ep.peer_connection(b.node_id).remote_address == reborn.addr  # type: ignore[union-attr]
     a.ep.send_control(b.node_id, MessageType.HEARTBEAT, b"{}")
     await until(lambda: reborn.frames)
+
+
+# ---------------------------------------------------------------- the edge's batching
+async def test_a_burst_is_read_as_a_batch_and_delivered_in_order(
+    sides: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every waiting datagram is read per readiness event and the connection pumped once
+    per batch, not once per datagram; the bytes still arrive whole and in order."""
+    mesh = MeshCredentials.generate()
+    a, b = await sides(mesh), await sides(mesh)
+    peer = await a.ep.dial(b.addr)
+    counts = {"received": 0, "pumps": 0}
+    real_receive, real_pump = quic._Conn.receive, quic._Conn.pump
+
+    def receive(self: Any, *args: Any) -> None:
+        counts["received"] += 1
+        real_receive(self, *args)
+
+    def pump(self: Any) -> None:
+        counts["pumps"] += 1
+        real_pump(self)
+
+    monkeypatch.setattr(quic._Conn, "receive", receive)
+    monkeypatch.setattr(quic._Conn, "pump", pump)
+    reader, writer = await a.ep.open_stream(peer, MessageType.OPEN_TUNNEL, b"{}")
+    # Numbered records in many small writes: any reordering or loss shows.
+    records = [i.to_bytes(4, "big") * 50 for i in range(5000)]  # 1 MB in 5000 writes
+    for rec in records:
+        writer.write(rec)
+    await writer.drain()
+    writer.write_eof()
+    got = await reader.read(-1)
+    assert got == b"".join(records)
+    # Far fewer pumps than datagrams received: a's 5000 writes pump once each; the
+    # rest (reading batches, b's echo writes of what each batch brought) are few.
+    assert counts["received"] > 1000
+    assert counts["pumps"] - len(records) < counts["received"] // 3
+
+
+async def test_the_timer_is_rearmed_only_when_the_deadline_moves_earlier(sides: Any) -> None:
+    """Every packet sent pushes aioquic's loss timer later: that must not cancel and re-create
+    the event-loop timer each time; it fires at the old deadline and re-arms then."""
+    mesh = MeshCredentials.generate()
+    a, b = await sides(mesh), await sides(mesh)
+    peer = await a.ep.dial(b.addr)
+    conn = a.ep._peers[peer]
+    loop = asyncio.get_running_loop()
+    armed: list[float] = []
+    real_call_later = loop.call_later
+
+    def call_later(delay: float, cb: Any, *args: Any) -> asyncio.TimerHandle:
+        if getattr(cb, "__self__", None) is conn:
+            armed.append(delay)
+        return real_call_later(delay, cb, *args)
+
+    loop.call_later = call_later  # type: ignore[method-assign]
+    try:
+        reader, writer = await a.ep.open_stream(peer, MessageType.OPEN_TUNNEL, b"{}")
+        for _ in range(300):  # 300 round trips, each sending and acknowledging packets
+            writer.write(b"x" * 64)
+            await reader.readexactly(64)
+    finally:
+        loop.call_later = real_call_later  # type: ignore[method-assign]
+    assert len(armed) < 300
+    assert conn._timer is not None and conn._timer_at is not None
+    # Whatever is armed is never later than what the session asks for.
+    session_at = conn.session.get_timer()
+    assert session_at is not None and conn._timer_at <= session_at
+
+
+class _FullSocket:
+    """A UDP socket whose kernel send buffer is 'full' for the first ``fail`` sends."""
+
+    def __init__(self, real: socket.socket, fail: int) -> None:
+        self._real = real
+        self.fail = fail
+        self.refused = 0
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        if self.fail > 0:
+            self.fail -= 1
+            self.refused += 1
+            raise BlockingIOError
+        return self._real.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+async def test_datagrams_wait_while_the_send_buffer_is_full(sides: Any) -> None:
+    """EAGAIN from sendto queues the datagrams (in order) until the socket is writable."""
+    mesh = MeshCredentials.generate()
+    a, b = await sides(mesh), await sides(mesh)
+    peer = await a.ep.dial(b.addr)
+    udp = a.ep._sock
+    assert udp is not None
+    full = _FullSocket(udp._sock, fail=3)  # type: ignore[arg-type]
+    udp._sock = full  # type: ignore[assignment]
+    reader, writer = await a.ep.open_stream(peer, MessageType.OPEN_TUNNEL, b"{}")
+    payload = os.urandom(200_000)
+    writer.write(payload)
+    writer.write_eof()
+    got = await reader.read(-1)
+    assert got == payload
+    assert full.refused == 3 and not udp._backlog

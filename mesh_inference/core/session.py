@@ -317,6 +317,13 @@ class PeerSession:
         self.rtt: float | None = None
 
     # ------------------------------------------------------------------ I/O
+    @property
+    def claimed_peer_id(self) -> str | None:
+        """The node id the peer's Hello claimed (unproven until ``authenticated``)."""
+        if self.peer_id is not None:
+            return self.peer_id
+        return self._hs.peer_id if self._hs is not None else None
+
     def connect(self, addr: NetworkAddress, now: float) -> None:
         self._now = now
         self._quic.connect(addr, now=now)

@@ -13,9 +13,11 @@ import hashlib
 import logging
 import socket
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
-from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+if TYPE_CHECKING:  # zeroconf costs ~12 MB of memory: imported only when mDNS starts
+    from zeroconf import ServiceStateChange, Zeroconf
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 SERVICE_TYPE = "_mesh-inference._udp.local."
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class Discovery:
         self._info: AsyncServiceInfo | None = None
 
     async def start(self) -> None:
+        from zeroconf import IPVersion
+        from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
         if self._interfaces:
             self._azc = AsyncZeroconf(ip_version=IPVersion.V4Only, interfaces=self._interfaces)
         else:
@@ -69,6 +74,8 @@ class Discovery:
     def _on_change(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
+        from zeroconf import ServiceStateChange
+
         # Called on the event loop: resolve asynchronously, never block it.
         if state_change is not ServiceStateChange.Added:
             return
@@ -77,6 +84,8 @@ class Discovery:
         task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, service_type: str, name: str) -> None:
+        from zeroconf.asyncio import AsyncServiceInfo
+
         if self._azc is None:
             return
         info = AsyncServiceInfo(service_type, name)

@@ -20,8 +20,16 @@ Public API::
 
 Everything about a connection -- QUIC, handshake, streams, credit,
 deadlines -- is the sans-I/O ``PeerSession``; this module only moves
-datagrams, feeds ``loop.time()`` in, arms one timer per session and turns
+datagrams, feeds ``time.monotonic()`` in (asyncio's ``loop.time()``; not
+uvloop's, which ticks per millisecond), arms one timer per session and turns
 session events into callbacks and (StreamReader, QuicStreamWriter) pairs.
+
+Per round trip, the edge does as little as it can around aioquic: every
+datagram waiting on the socket is read per readiness event and each session
+pumped once per such batch (one transmit, one timer check, one wake-up of a
+stream reader for a whole burst); the event-loop timer is re-armed only
+when the session's deadline moves earlier (every packet sent pushes the loss
+timer later: a timer that fires early just re-arms).
 
 One UDP socket both accepts and dials (peers see a single address per
 node, one port to open in a firewall); datagrams are routed to sessions by
@@ -108,10 +116,26 @@ log = logging.getLogger(__name__)
 MAX_HANDSHAKING = 64
 STALE_AFTER = 3.0
 SOCKET_BUFFER = 4 << 20
+RECV_BATCH = 64  # datagrams read per readiness event before the connections are pumped
+RECV_SIZE = 65535
+SEND_BACKLOG = 1024  # datagrams held while the kernel's send buffer is full
+
+# The clock fed to every session: asyncio's loop.time() is this same clock, while
+# uvloop's ticks once per millisecond, which stalls aioquic's pacer.
+_clock = time.monotonic
 
 
 class DialError(ConnectionError):
     """A dial failed: unreachable, timed out, refused, or the peer failed authentication."""
+
+
+class _Superseded(DialError):
+    """The peer closed our dialed connection as a duplicate before it authenticated here:
+    both sides dialed at once, and the peer keeps the other connection."""
+
+    def __init__(self, reason: str, peer_id: str | None) -> None:
+        super().__init__(reason)
+        self.peer_id = peer_id
 
 
 class UnknownPeer(KeyError):
@@ -273,12 +297,12 @@ class _Conn:
         self.sock = sock
         self.remote_address = remote
         self.loop = asyncio.get_running_loop()
-        self.last_rx = self.loop.time()
+        self.last_rx = _clock()
         self.peer: PeerConnection | None = None
         self.streams: dict[int, _StreamIO] = {}
         self.authenticated: asyncio.Future[PeerConnection] = self.loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer_at: float | None = None  # when the armed timer fires (<= the session's)
         self._pumping = False
         self.dropped = False
 
@@ -289,13 +313,13 @@ class _Conn:
     def describe(self) -> str:
         return f"{self.peer.peer_id} ({self.remote_address})" if self.peer else self.remote_address
 
-    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
-        self.last_rx = self.loop.time()
-        self.session.receive_datagram(data, addr, self.last_rx)
-        self.pump()
+    def receive(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        """Feed one datagram; the socket pumps once after its whole batch."""
+        self.last_rx = now
+        self.session.receive_datagram(data, addr, now)
 
     def _on_timer(self) -> None:
-        now = max(self._timer_at or 0.0, self.loop.time())
+        now = max(self._timer_at or 0.0, _clock())
         self._timer = self._timer_at = None
         self.session.handle_timer(now)
         self.pump()
@@ -311,8 +335,9 @@ class _Conn:
             while True:
                 while (event := self.session.next_event()) is not None:
                     self.endpoint._on_event(self, event)
-                for data, addr in self.session.datagrams_to_send(self.loop.time()):
-                    self.sock.sendto(data, addr)
+                datagrams = self.session.datagrams_to_send(_clock())
+                if datagrams:
+                    self.sock.send_all(datagrams)
                 event = self.session.next_event()
                 if event is None:
                     break
@@ -325,17 +350,19 @@ class _Conn:
             self.endpoint._drop(self)
             return
         timer_at = self.session.get_timer()
-        if self._timer is not None and self._timer_at != timer_at:
-            self._timer.cancel()
-            self._timer = None
-        if self._timer is None and timer_at is not None:
-            self._timer = self.loop.call_at(timer_at, self._on_timer)
-        self._timer_at = timer_at
+        if timer_at is None:
+            self.stop_timer()
+        elif self._timer is None or timer_at < self._timer_at:  # type: ignore[operator]
+            # Re-armed only when the deadline moved earlier: a later one (every packet
+            # sent pushes the loss timer) is taken up when the armed timer fires.
+            self.stop_timer()
+            self._timer_at = timer_at
+            self._timer = self.loop.call_later(max(0.0, timer_at - _clock()), self._on_timer)
 
     def stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+            self._timer = self._timer_at = None
 
     def fail(self, code: int, reason: str, *, level: int = logging.WARNING) -> None:
         if self.session.closed:
@@ -363,40 +390,82 @@ class _Conn:
             self.pump()
 
 
-class _UdpSocket(asyncio.DatagramProtocol):
-    """One UDP socket; routes datagrams to connections by destination connection id."""
+class _UdpSocket:
+    """One UDP socket; routes datagrams to connections by destination connection id.
 
-    def __init__(self, endpoint: MeshEndpoint, *, accept: bool) -> None:
+    Reads every datagram waiting (up to ``RECV_BATCH``) per readiness event and
+    pumps each connection once after the batch, instead of asyncio's one datagram
+    per event-loop turn: one transmit, one timer check and one wake-up of a
+    stream's reader per batch, so a burst reaches the application as one chunk.
+    """
+
+    def __init__(self, endpoint: MeshEndpoint, sock: socket.socket, *, accept: bool) -> None:
         self._endpoint = endpoint
         self._accept = accept
-        self.transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = sock
+        self._loop = asyncio.get_running_loop()
+        self._backlog: deque[tuple[bytes, NetworkAddress]] = deque()
+        self._buf = memoryview(bytearray(RECV_SIZE))
         self.by_cid: dict[bytes, _Conn] = {}
         self.conns: set[_Conn] = set()
+        sock.setblocking(False)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        self.family = sock.family
+        self.sockname = sock.getsockname()
+        self._loop.add_reader(sock.fileno(), self._read_ready)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    @classmethod
+    async def bind(cls, endpoint: MeshEndpoint, host: str, port: int, *, accept: bool,
+                   family: int = 0) -> _UdpSocket:  # fmt: skip
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, family=family, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+        )
+        if not infos:
+            raise OSError(f"cannot bind {host}:{port}")
+        fam, kind, proto, _, addr = infos[0]
+        sock = socket.socket(fam, kind, proto)
+        try:
+            sock.bind(addr)
+            return cls(endpoint, sock, accept=accept)
+        except BaseException:
+            sock.close()
+            raise
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
+    def _read_ready(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        touched: list[_Conn] = []
+        now = _clock()
+        buf = self._buf
+        for _ in range(RECV_BATCH):
+            try:
+                # Into one buffer, then an exact-size copy: recvfrom(65535) would allocate
+                # 64 KiB per datagram and shrink it, fragmenting the heap.
+                n, addr = sock.recvfrom_into(buf)
+                data = bytes(buf[:n])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                # ICMP errors (port unreachable, ...): the sessions' own timers decide.
+                log.debug("udp error: %s", exc)
+                break
+            conn = self._route(data, addr)
+            if conn is not None:
+                conn.receive(data, addr, now)
+                if conn not in touched:
+                    touched.append(conn)
+        for conn in touched:
+            if not conn.dropped:
+                conn.pump()
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable, ...): the sessions' own timers decide.
-        log.debug("udp error: %s", exc)
-
-    def sendto(self, data: bytes, addr: NetworkAddress) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(data, addr)
-
-    def datagram_received(self, data: bytes, addr: NetworkAddress) -> None:
+    def _route(self, data: bytes, addr: NetworkAddress) -> _Conn | None:
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
-            return
+            return None
         conn = self.by_cid.get(header.destination_cid)
         if conn is None:
             if not (
@@ -405,11 +474,47 @@ class _UdpSocket(asyncio.DatagramProtocol):
                 and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE
                 and header.version in self._endpoint._server_config.supported_versions
             ):
-                return
+                return None
             conn = self._endpoint._accept(self, header.destination_cid, addr)
-            if conn is None:
+        return conn
+
+    def send_all(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        if self._backlog:
+            self._queue(datagrams)
+            return
+        for i, (data, addr) in enumerate(datagrams):
+            try:
+                sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                self._queue(datagrams[i:])
+                self._loop.add_writer(sock.fileno(), self._write_ready)
                 return
-        conn.datagram_received(data, addr)
+            except OSError as exc:
+                log.debug("udp send to %s: %s", addr, exc)
+
+    def _queue(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
+        # The kernel buffer is full: keep a bounded backlog; beyond it, a datagram is lost
+        # like on any network, and QUIC's loss recovery resends what it carried.
+        room = SEND_BACKLOG - len(self._backlog)
+        self._backlog.extend(datagrams[: max(0, room)])
+
+    def _write_ready(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        while self._backlog:
+            data, addr = self._backlog[0]
+            try:
+                sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("udp send to %s: %s", addr, exc)
+            self._backlog.popleft()
+        self._loop.remove_writer(sock.fileno())
 
     def add(self, conn: _Conn, cids: list[bytes]) -> None:
         self.conns.add(conn)
@@ -422,8 +527,13 @@ class _UdpSocket(asyncio.DatagramProtocol):
             del self.by_cid[cid]
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._loop.remove_reader(sock.fileno())
+            if self._backlog:
+                self._loop.remove_writer(sock.fileno())
+                self._backlog.clear()
+            sock.close()
 
 
 class MeshEndpoint:
@@ -475,6 +585,8 @@ class MeshEndpoint:
         self._conns: set[_Conn] = set()
         # Peers whose kept connection they closed as a duplicate: lost unless replaced.
         self._orphans: dict[str, asyncio.TimerHandle] = {}
+        # dial() calls waiting for a peer to authenticate on another connection.
+        self._peer_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self._callbacks: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
         self._callbacks_scheduled = False
@@ -486,13 +598,10 @@ class MeshEndpoint:
         return self.identity.node_id
 
     async def start(self) -> int:
-        loop = asyncio.get_running_loop()
-        transport, sock = await loop.create_datagram_endpoint(
-            lambda: _UdpSocket(self, accept=True), local_addr=(self._host, self._port)
-        )
+        sock = await _UdpSocket.bind(self, self._host, self._port, accept=True)
         self._sock = sock
-        self._family = transport.get_extra_info("socket").family
-        self.port = int(transport.get_extra_info("sockname")[1])
+        self._family = sock.family
+        self.port = int(sock.sockname[1])
         return self.port
 
     # -- callbacks, delivered in order from the loop
@@ -513,10 +622,9 @@ class MeshEndpoint:
 
     # -- sessions
     def _new_conn(self, quic: QuicConnection, sock: _UdpSocket, remote: str) -> _Conn:
-        loop = asyncio.get_running_loop()
         session = PeerSession(
-            quic, self.identity, self.mesh, now=loop.time(),
-            handshake_timeout=self.handshake_timeout, wall_offset=time.time() - loop.time(),
+            quic, self.identity, self.mesh, now=_clock(),
+            handshake_timeout=self.handshake_timeout, wall_offset=time.time() - _clock(),
         )
         conn = _Conn(self, session, sock, remote)
         self._conns.add(conn)
@@ -616,7 +724,7 @@ class MeshEndpoint:
         if existing is not None:
             # Both sides dialed: both keep the one dialed by the smaller id. An old
             # connection that went silent lost its peer (restarted): take the new one.
-            keep_new = conn.loop.time() - existing.last_rx > STALE_AFTER or (
+            keep_new = _clock() - existing.last_rx > STALE_AFTER or (
                 (self.node_id < peer.peer_id) == conn.dialer
             )
             loser = existing if keep_new else conn
@@ -626,6 +734,9 @@ class MeshEndpoint:
             loser.fail(ERR_DUPLICATE, "duplicate connection", level=logging.INFO)
             return
         self._peers[peer.peer_id] = conn
+        for waiter in self._peer_waiters.pop(peer.peer_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
         orphan = self._orphans.pop(peer.peer_id, None)
         if orphan is not None:
             orphan.cancel()  # the connection the peer kept: for the node, nothing changed
@@ -642,7 +753,12 @@ class MeshEndpoint:
                 io.reader.set_exception(ConnectionResetError(f"connection closed: {reason}"))
             io.writer._wake()
         if not conn.authenticated.done():
-            conn.authenticated.set_exception(DialError(reason))
+            error = (
+                _Superseded(reason, conn.session.claimed_peer_id)
+                if ev.by_peer and ev.code == ERR_DUPLICATE
+                else DialError(reason)
+            )
+            conn.authenticated.set_exception(error)
             conn.authenticated.exception()  # retrieved: dial() reports it, if anyone dialed
         if ev.by_peer and not conn.session.authenticated:
             log.info("connection to %s closed: %s", conn.describe(), reason)
@@ -690,16 +806,14 @@ class MeshEndpoint:
             family, sockaddr = infos[0][0], infos[0][4]
             any_host = "::" if family == socket.AF_INET6 else "0.0.0.0"
             try:
-                _, sock = await loop.create_datagram_endpoint(
-                    lambda: _UdpSocket(self, accept=False), local_addr=(any_host, 0), family=family
-                )
+                sock = await _UdpSocket.bind(self, any_host, 0, accept=False, family=family)
             except OSError as exc:
                 raise DialError(f"dial {addr}: {exc}") from None
             self._extra_socks.add(sock)
         quic = QuicConnection(configuration=self._client_config)
         conn = self._new_conn(quic, sock, addr)
         sock.add(conn, [quic.host_cid])
-        conn.session.connect(cast(NetworkAddress, sockaddr), loop.time())
+        conn.session.connect(cast(NetworkAddress, sockaddr), _clock())
         conn.pump()
         try:
             peer = await asyncio.wait_for(
@@ -708,12 +822,38 @@ class MeshEndpoint:
         except TimeoutError:
             conn.fail(ERR_AUTH, "dial timed out", level=logging.DEBUG)
             raise DialError(f"dial {addr}: no authenticated answer within {timeout} s") from None
+        except _Superseded as exc:
+            # Simultaneous dials: the peer keeps the connection it dialed to us. The dial
+            # succeeded if that one authenticates here in time.
+            if exc.peer_id is None:
+                raise DialError(f"dial {addr}: {exc}") from None
+            await self._wait_for_peer(exc.peer_id, deadline - loop.time(), addr)
+            return exc.peer_id
         except DialError as exc:
             raise DialError(f"dial {addr}: {exc}") from None
         except asyncio.CancelledError:
             conn.fail(ERR_NONE, "dial cancelled", level=logging.DEBUG)
             raise
         return peer.peer_id
+
+    async def _wait_for_peer(self, peer_id: str, timeout: float, addr: str) -> None:  # noqa: ASYNC109
+        if peer_id in self._peers:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._peer_waiters.setdefault(peer_id, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, max(0.0, timeout))
+        except TimeoutError:
+            raise DialError(
+                f"dial {addr}: superseded as a duplicate, and the peer's own connection "
+                "did not authenticate in time"
+            ) from None
+        finally:
+            waiters = self._peer_waiters.get(peer_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._peer_waiters.pop(peer_id, None)
 
     def _peer(self, peer_id: str) -> _Conn:
         conn = self._peers.get(peer_id)

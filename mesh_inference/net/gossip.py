@@ -4,7 +4,7 @@ Public API::
 
     driver = MembershipDriver(membership, send=f(peer_id, type, payload),
                               disconnect=f(peer_id, reason), on_events=f(events))
-    driver.start()                       # the timer task
+    driver.start()                       # arms the timer
     driver.peer_connected(peer_id); driver.peer_lost(peer_id, reason)
     driver.control_frame(peer_id, frame) # Heartbeat / Gossip / Goodbye
     driver.local_changed(info)           # this node's own record changed
@@ -37,6 +37,7 @@ _TYPES = {Heartbeat: MessageType.HEARTBEAT, Gossip: MessageType.GOSSIP,
           Goodbye: MessageType.GOODBYE}  # fmt: skip
 # Goodbyes are sent with no acknowledgement: give them a moment to leave.
 GOODBYE_GRACE_S = 0.05
+IDLE_RECHECK_S = 0.5  # with no deadline from the core
 
 
 class MembershipDriver:
@@ -53,12 +54,15 @@ class MembershipDriver:
         self._disconnect = disconnect
         self._on_events = on_events
         self._loop = asyncio.get_running_loop()
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._started = False
         self._stopped = False
 
     def start(self) -> None:
-        self._task = asyncio.ensure_future(self._timers())
+        """Start the timer (a loop.call_at handle, re-armed only when the deadline moves)."""
+        self._started = True
+        self._arm()
 
     def _now(self) -> float:
         return self._loop.time()
@@ -103,7 +107,7 @@ class MembershipDriver:
             log.info("membership: %s", event)
             events.append(event)
         self._flush()
-        self._wakeup.set()  # the next deadline may have moved
+        self._arm()  # the next deadline may have moved
         if not self._stopped:
             self._on_events(events)
 
@@ -113,17 +117,27 @@ class MembershipDriver:
             with contextlib.suppress(KeyError, ConnectionError):
                 self._send(out.peer_id, _TYPES[type(out.message)], _encode(out.message))
 
-    async def _timers(self) -> None:
-        while True:
-            deadline = self.membership.get_timer()
-            timeout = 0.5 if deadline is None else max(0.0, deadline - self._now())
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
-            deadline = self.membership.get_timer()
-            if deadline is not None and deadline <= self._now():
-                self.membership.handle_timer(self._now())
-                self._pump()
+    def _arm(self) -> None:
+        if not self._started or self._stopped:
+            return
+        deadline = self.membership.get_timer()
+        if deadline == self._timer_at and self._timer is not None:
+            return  # unchanged: no timer churn per frame
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        # Nothing scheduled: look again in a while, as the core may only say so later.
+        when = self._now() + IDLE_RECHECK_S if deadline is None else deadline
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        deadline = self.membership.get_timer()
+        if deadline is not None and deadline <= self._now():
+            self.membership.handle_timer(self._now())
+            self._pump()  # re-arms
+        else:
+            self._arm()
 
     async def leave(self) -> None:
         self._stopped = True
@@ -133,7 +147,6 @@ class MembershipDriver:
 
     async def stop(self) -> None:
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
