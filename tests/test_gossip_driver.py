@@ -29,6 +29,9 @@ class FakeMembership:
     def next_event(self) -> Any:
         return None
 
+    def handle_connected(self, peer_id: str, now: float) -> None:
+        pass
+
     def pop_outgoing(self) -> list[Any]:
         return []
 
@@ -47,7 +50,7 @@ async def test_the_timer_fires_at_each_deadline_and_stops() -> None:
     driver.start()
     await asyncio.sleep(0.33)
     assert 5 <= len(core.handled) <= 7  # every 50 ms, never early (asserted in the fake)
-    assert len(calls) == len(core.handled)  # on_events after each expiry
+    assert calls == []  # expiries that decided nothing cost no re-plan
     await driver.stop()
     n = len(core.handled)
     await asyncio.sleep(0.12)
@@ -72,4 +75,20 @@ async def test_inputs_that_leave_the_deadline_alone_do_not_rearm_the_timer() -> 
     assert driver._timer is not handle and handle.cancelled()
     await asyncio.sleep(0.05)
     assert len(core.handled) == 1
+    await driver.stop()
+
+
+async def test_on_events_runs_for_events_and_local_changes_only() -> None:
+    loop = asyncio.get_running_loop()
+    core = FakeMembership(loop, 10.0)
+    calls: list[list[Any]] = []
+    driver = MembershipDriver(
+        core,  # type: ignore[arg-type]
+        send=lambda *a: None, disconnect=lambda *a: None, on_events=calls.append,
+    )
+    driver.start()
+    driver._pump()  # a heartbeat that changed nothing
+    assert calls == []
+    driver.peer_connected("b" * 16)  # a connection change always counts
+    assert calls == [[]]
     await driver.stop()

@@ -12,8 +12,10 @@ Public API::
     await driver.stop()
 
 After every input the driver drains the core's events and outgoing
-messages, then calls ``on_events`` once with what happened (possibly
-nothing: the caller re-plans on every call, cheaply). The core is never
+messages, then calls ``on_events`` once with what happened -- only when
+something did (an event, a connection change, this node's own record): a
+heartbeat that changes nothing costs no re-plan, which matters at four
+heartbeats a second per peer. The core is never
 written to while its events are being drained: ``on_events`` runs after.
 The clock is ``loop.time()``; a frame that fails validation costs the peer
 its connection, never the node.
@@ -70,12 +72,12 @@ class MembershipDriver:
     # -- inputs
     def peer_connected(self, peer_id: str) -> None:
         self.membership.handle_connected(peer_id, self._now())
-        self._pump()
+        self._pump(force=True)
 
     def peer_lost(self, peer_id: str, reason: str) -> None:
         if not self._stopped:
             self.membership.handle_disconnected(peer_id, self._now(), reason)
-            self._pump()
+            self._pump(force=True)
 
     def control_frame(self, peer_id: str, frame: Frame) -> None:
         try:
@@ -98,17 +100,17 @@ class MembershipDriver:
     def local_changed(self, info: NodeInfo) -> None:
         if info != self.membership.local:
             self.membership.update_local(info, self._now())
-        self._pump()
+        self._pump(force=True)
 
     # -- outputs
-    def _pump(self) -> None:
+    def _pump(self, *, force: bool = False) -> None:
         events: list[MembershipEvent] = []
         while (event := self.membership.next_event()) is not None:
             log.info("membership: %s", event)
             events.append(event)
         self._flush()
         self._arm()  # the next deadline may have moved
-        if not self._stopped:
+        if not self._stopped and (events or force):
             self._on_events(events)
 
     def _flush(self) -> None:
