@@ -181,8 +181,8 @@ class Node:
                     f"`mesh-inference models download {cfg.model_ref}`"
                 )
             # Fail fast on a corrupt file for the model the user asked for.
-            await asyncio.to_thread(read_gguf_metadata, resolved.path)
-            self._model.adopt(0, cfg.model_ref, resolved)
+            meta = await asyncio.to_thread(read_gguf_metadata, resolved.path)
+            self._model.adopt(0, cfg.model_ref, resolved, meta)
         if not cfg.client:
             try:
                 self._backend = self.io.backend(cfg)
@@ -587,11 +587,11 @@ class Node:
             resolved = resolve_model(ref, self.config.models_dir)
             if resolved.path is None:
                 raise ValueError(f"model {ref!r} is not downloaded on this node yet")
-            await asyncio.to_thread(read_gguf_metadata, resolved.path)
+            meta = await asyncio.to_thread(read_gguf_metadata, resolved.path)
         except ModelError as exc:
             raise ValueError(str(exc)) from None
         epoch = 1 + max(m.model_epoch for m in self._members.membership.alive_members())
-        self._model.adopt(epoch, ref, resolved)
+        self._model.adopt(epoch, ref, resolved, meta)
         self._local_changed()
         self.publish("model", {"ref": ref, "epoch": epoch})
 

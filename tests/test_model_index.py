@@ -44,7 +44,7 @@ def test_the_cache_is_used_until_the_file_changes(
     assert entry.stat().st_mode & 0o777 == 0o600
     calls: list[Path] = []
     real = index_mod.build_index
-    monkeypatch.setattr(index_mod, "build_index", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(index_mod, "build_index", lambda p, t: calls.append(p) or real(p, t))
     assert load_or_build_index(path, cache) == first and calls == []
     entry.write_text("{not json")  # a damaged cache entry is rebuilt, never trusted
     assert load_or_build_index(path, cache) == first and calls == [path]
@@ -67,3 +67,12 @@ def test_not_a_gguf_is_a_model_error(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + b"\xff" * 64)
     with pytest.raises(ModelError):
         build_index(bad)
+
+
+def test_the_header_parse_of_the_metadata_serves_the_index(tmp_path: Path) -> None:
+    from mesh_inference.models.refs import read_gguf_metadata
+
+    path = tiny_gguf(tmp_path / "m.gguf", layers=2)
+    meta = read_gguf_metadata(path)
+    assert [name for name, _off, _n in meta.tensors] == ["token_embd.weight"]
+    assert build_index(path, meta.tensors) == build_index(path)

@@ -2,7 +2,8 @@
 
 Public API::
 
-    index = load_or_build_index(path, cache_dir)   # slow once per file (reads it), then cached
+    index = load_or_build_index(path, cache_dir, tensors)  # slow once per file, then cached
+                                                   # tensors: GgufInfo.tensors, if already parsed
     index.sha256; index.size; index.regions        # TensorRegion(name, file_offset, nbytes, sha256)
     weights = MappedWeights(path, index)           # core.rpc.WeightFile over an mmap of the file
     weights.region_named(name); weights.region_at(offset, nbytes); weights.read(offset, nbytes)
@@ -25,6 +26,7 @@ import hashlib
 import json
 import mmap
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +58,16 @@ def _regions_of(path: Path) -> list[tuple[str, int, int]]:
     return regions
 
 
-def build_index(path: Path) -> ModelIndex:
-    """Read ``path`` once: the file's sha256 and every tensor's."""
-    regions = _regions_of(path)
+Regions = Sequence[tuple[str, int, int]]
+
+
+def build_index(path: Path, tensors: Regions | None = None) -> ModelIndex:
+    """Read ``path`` once: the file's sha256 and every tensor's.
+
+    ``tensors`` is the header's tensor table when the caller already parsed it
+    (``GgufInfo.tensors``); the file's own bytes are hashed either way.
+    """
+    regions = list(tensors) if tensors else _regions_of(path)
     size = path.stat().st_size
     for name, off, n in regions:
         if off < 0 or n < 0 or off + n > size:
@@ -110,7 +119,9 @@ def _from_json(raw: bytes) -> ModelIndex:
     return ModelIndex(sha, size, regions)
 
 
-def load_or_build_index(path: Path, cache_dir: Path) -> ModelIndex:
+def load_or_build_index(
+    path: Path, cache_dir: Path, tensors: Regions | None = None
+) -> ModelIndex:
     """The index of ``path``, from ``cache_dir`` when the file has not changed since."""
     cached = cache_dir / f"{_cache_key(path)}.json"
     try:
@@ -120,7 +131,7 @@ def load_or_build_index(path: Path, cache_dir: Path) -> ModelIndex:
                 return index
     except (OSError, ValueError, TypeError, KeyError):
         pass  # missing or damaged: rebuild
-    index = build_index(path)
+    index = build_index(path, tensors)
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_private_file(cached, _to_json(index))
     return index

@@ -3,7 +3,8 @@
 Public API::
 
     lm = LocalModel(models_dir, index_dir, on_change=f)
-    lm.adopt(epoch, ref, resolved=None)   # follow ``ref``; finds its file here if present
+    lm.adopt(epoch, ref, resolved=None, meta=None)  # follow ``ref``; finds its file here if
+                                                    # present (``meta``: its header, if read)
     lm.epoch; lm.ref; lm.resolved; lm.layers; lm.path; lm.size_bytes
     lm.sha256; lm.weights                 # once indexed: file digest, mapped tensors
     lm.served_name()                      # the name the API shows ("smollm2-135m", "model")
@@ -27,7 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mesh_inference.models.index import MappedWeights, load_or_build_index
-from mesh_inference.models.refs import ModelError, ResolvedModel, read_gguf_metadata, resolve_model
+from mesh_inference.models.refs import (
+    GgufInfo,
+    ModelError,
+    ResolvedModel,
+    read_gguf_metadata,
+    resolve_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,13 @@ class LocalModel:
             return None
         return Path(ref).name.removesuffix(".gguf") if ref.endswith(".gguf") else ref
 
-    def adopt(self, epoch: int, ref: str, resolved: ResolvedModel | None = None) -> None:
+    def adopt(
+        self,
+        epoch: int,
+        ref: str,
+        resolved: ResolvedModel | None = None,
+        meta: GgufInfo | None = None,
+    ) -> None:
         self.epoch, self.ref = epoch, ref
         self.resolved, self.layers = None, None
         self._drop_weights()
@@ -73,14 +86,15 @@ class LocalModel:
             return
         if resolved.path is not None:
             self.resolved = resolved
-            task = asyncio.ensure_future(self._read_layers(resolved))
+            task = asyncio.ensure_future(self._read_layers(resolved, meta))
             self._reads.add(task)
             task.add_done_callback(self._reads.discard)
 
-    async def _read_layers(self, resolved: ResolvedModel) -> None:
+    async def _read_layers(self, resolved: ResolvedModel, meta: GgufInfo | None) -> None:
         assert resolved.path is not None
         try:
-            meta = await asyncio.to_thread(read_gguf_metadata, resolved.path)
+            if meta is None:
+                meta = await asyncio.to_thread(read_gguf_metadata, resolved.path)
         except ModelError as exc:
             log.warning("model %s is unusable: %s", resolved.ref, exc)
             if self.resolved is resolved:
@@ -92,7 +106,11 @@ class LocalModel:
         self.layers = meta.layers
         self._on_change()
         try:
-            index = await asyncio.to_thread(load_or_build_index, resolved.path, self._index_dir)
+            # The header's tensor table is the first part's: reuse it for one-file models.
+            tensors = meta.tensors if meta.n_parts == 1 else None
+            index = await asyncio.to_thread(
+                load_or_build_index, resolved.path, self._index_dir, tensors
+            )
             weights = await asyncio.to_thread(MappedWeights, resolved.path, index)
         except (ModelError, OSError, ValueError) as exc:
             # llama-server could not load what gguf cannot index either.

@@ -103,6 +103,9 @@ class GgufInfo:
     file_type: int | None  # general.file_type (a llama_ftype)
     quant: str | None  # file_type as a name, e.g. "Q4_K_M"
     n_parts: int
+    # (name, data offset, bytes) of every tensor in the first part: parsing a GGUF
+    # header costs seconds on big vocabularies, so the model index reuses this.
+    tensors: tuple[tuple[str, int, int], ...] = ()
 
 
 def default_models_dir() -> Path:
@@ -464,6 +467,10 @@ def read_gguf_metadata(path: Path) -> GgufInfo:
             f"{path.name} says it is part of a {count}-part split model, "
             f"but its name says {len(parts)}"
         )
+    try:
+        tensors = tuple((str(t.name), int(t.data_offset), int(t.n_bytes)) for t in reader.tensors)
+    except Exception as exc:  # as above: corrupt tensor infos raise many kinds
+        raise ModelError(f"{path}: cannot read its tensors: {exc}") from None
     ctx = field(f"{arch}.context_length")
     ft = field("general.file_type")
     name = field("general.name")
@@ -477,6 +484,7 @@ def read_gguf_metadata(path: Path) -> GgufInfo:
         file_type=file_type,
         quant=_quant_name(file_type),
         n_parts=len(parts),
+        tensors=tensors,
     )
 
 
