@@ -240,7 +240,56 @@ def _check_size(cmd: int, size: int) -> None:
         raise RpcError(f"RPC command {cmd} announces {size} bytes (limit {MAX_COMMAND_SIZE})")
 
 
-class HostRewriter:
+class _RequestFraming:
+    """The request framing both ends parse: u8 command, u64 LE size, payload.
+
+    A header may arrive split across feeds (kept in ``_hdr``); a payload that
+    passes through unchanged is skipped over by ``_pass_through``. Each end's
+    ``feed`` loop keeps a pending pass-through slice of the current chunk
+    (``run``) and decides what its commands become.
+    """
+
+    _state: int
+    _hdr: bytearray
+    _remaining: int
+
+    def _header_split(self, n: int, pos: int) -> bool:
+        """The next header does not lie whole in this chunk (buffer it; flush ``run`` first)."""
+        return bool(self._hdr) or n - pos < REQ_HEADER_SIZE
+
+    def _next_header(self, data: bytes, pos: int) -> tuple[int, int, int, int] | None:
+        """(command, size, header start in ``data`` or -1 if assembled, position after it).
+
+        None: the chunk ended inside a split header (all of it buffered).
+        """
+        n = len(data)
+        if not self._header_split(n, pos):
+            cmd, size = REQ_HEADER.unpack_from(data, pos)
+            hdr_start = pos
+        else:
+            take = min(REQ_HEADER_SIZE - len(self._hdr), n - pos)
+            self._hdr += memoryview(data)[pos : pos + take]
+            if len(self._hdr) < REQ_HEADER_SIZE:
+                return None
+            cmd, size = REQ_HEADER.unpack_from(self._hdr)
+            hdr_start, pos = -1, pos + take - REQ_HEADER_SIZE
+        _check_size(cmd, size)
+        return cmd, size, hdr_start, pos + REQ_HEADER_SIZE
+
+    def _pass_through(self, n: int, pos: int) -> int:
+        """Skip the current payload's bytes in this chunk; the position after them."""
+        take = min(self._remaining, n - pos)
+        self._remaining -= take
+        if not self._remaining:
+            self._state = _HEADER
+        return pos + take
+
+    def _start_payload(self, size: int) -> None:
+        self._remaining = size
+        self._state = _PASS if size else _HEADER
+
+
+class HostRewriter(_RequestFraming):
     """The host side of one tunnelled RPC connection (llama-server → worker).
 
     SET_TENSORs whose data equal the bytes of a tensor of ``weights`` leave
@@ -308,34 +357,19 @@ class HostRewriter:
         while pos < n:
             state = self._state
             if state == _PASS:
-                take = min(self._remaining, n - pos)
                 if run < 0:
                     run = pos
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = _HEADER
+                pos = self._pass_through(n, pos)
                 continue
             if state == _HEADER:
-                if not self._hdr and n - pos >= REQ_HEADER_SIZE:
-                    cmd, size = REQ_HEADER.unpack_from(data, pos)
-                    hdr_start = pos
-                    pos += REQ_HEADER_SIZE
-                    in_data = True
-                else:
-                    # A header split across feeds (this feed's tail or the next one's head).
-                    if run >= 0:
-                        self._emit(mv[run:pos])
-                        run = -1
-                    take = min(REQ_HEADER_SIZE - len(self._hdr), n - pos)
-                    self._hdr += mv[pos : pos + take]
-                    pos += take
-                    if len(self._hdr) < REQ_HEADER_SIZE:
-                        continue
-                    cmd, size = REQ_HEADER.unpack_from(self._hdr)
-                    hdr_start = -1
-                    in_data = False
-                _check_size(cmd, size)
+                if run >= 0 and self._header_split(n, pos):
+                    self._emit(mv[run:pos])
+                    run = -1
+                header = self._next_header(data, pos)
+                if header is None:
+                    break
+                cmd, size, hdr_start, pos = header
+                in_data = hdr_start >= 0
                 if cmd == CMD_SET_TENSOR and size - SET_TENSOR_HEAD >= MIN_REFERENCE_BYTES:
                     if run >= 0:
                         self._emit(mv[run:hdr_start])
@@ -374,8 +408,7 @@ class HostRewriter:
                 else:
                     self._emit(bytes(self._hdr))
                     self._hdr.clear()
-                self._remaining = size
-                self._state = _PASS if size else _HEADER
+                self._start_payload(size)
                 continue
             if state == _ST_HEAD:
                 want = REQ_HEADER_SIZE + SET_TENSOR_HEAD - len(self._head)
@@ -513,7 +546,7 @@ class HostRewriter:
         return out
 
 
-class WorkerExpander:
+class WorkerExpander(_RequestFraming):
     """The worker side of one tunnelled RPC connection (tunnel → local rpc-server).
 
     Expands references from the worker's own copy of the model file after
@@ -547,33 +580,19 @@ class WorkerExpander:
         while pos < n:
             state = self._state
             if state == _PASS:
-                take = min(self._remaining, n - pos)
                 if run < 0:
                     run = pos
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = _HEADER
+                pos = self._pass_through(n, pos)
                 continue
             if state == _HEADER:
-                if not self._hdr and n - pos >= REQ_HEADER_SIZE:
-                    cmd, size = REQ_HEADER.unpack_from(data, pos)
-                    hdr_start = pos
-                    pos += REQ_HEADER_SIZE
-                    in_data = True
-                else:
-                    if run >= 0:
-                        self._add(out, mv[run:pos])
-                        run = -1
-                    take = min(REQ_HEADER_SIZE - len(self._hdr), n - pos)
-                    self._hdr += mv[pos : pos + take]
-                    pos += take
-                    if len(self._hdr) < REQ_HEADER_SIZE:
-                        continue
-                    cmd, size = REQ_HEADER.unpack_from(self._hdr)
-                    in_data = False
-                    hdr_start = -1
-                _check_size(cmd, size)
+                if run >= 0 and self._header_split(n, pos):
+                    self._add(out, mv[run:pos])
+                    run = -1
+                header = self._next_header(data, pos)
+                if header is None:
+                    break
+                cmd, size, hdr_start, pos = header
+                in_data = hdr_start >= 0
                 if cmd == REF_CMD:
                     if size != REF_SIZE:
                         raise RpcError(f"weight reference of {size} bytes (expected {REF_SIZE})")
@@ -590,8 +609,7 @@ class WorkerExpander:
                 else:
                     self._add(out, bytes(self._hdr))
                     self._hdr.clear()
-                self._remaining = size
-                self._state = _PASS if size else _HEADER
+                self._start_payload(size)
                 continue
             # _REF
             take = min(REF_SIZE - len(self._ref), n - pos)
