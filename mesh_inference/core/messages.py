@@ -98,7 +98,8 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 _NODE_ID = re.compile(r"[0-9a-f]{16}")
 _SERVICE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _ENGINE_STATE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# A sha256 digest as lowercase hex: model files are named by it on the wire and on disk.
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 header field name
 # C0 controls and DEL (and C1) never belong in names, reasons or header values;
 # surrogates would make the string impossible to re-encode as UTF-8.
@@ -397,7 +398,7 @@ def _node_info(v: object, where: str) -> NodeInfo:
     if len(set(addrs)) != len(addrs):
         raise o.fail("addrs", "repeated address")
     sha = o.opt_str("model_sha256", 64)
-    if sha is not None and not _SHA256_HEX.fullmatch(sha):
+    if sha is not None and not SHA256_HEX.fullmatch(sha):
         raise o.fail("model_sha256", "not 64 lowercase hex characters")
     return NodeInfo(
         node_id=node_id,
@@ -503,7 +504,7 @@ def _credit(o: _Obj) -> Credit:
 
 def _fetch_model(o: _Obj) -> FetchModel:
     sha = o.str_("sha256", 64)
-    if not _SHA256_HEX.fullmatch(sha):
+    if not SHA256_HEX.fullmatch(sha):
         raise o.fail("sha256", "not 64 lowercase hex characters")
     return FetchModel(sha, o.int_("offset", 0, MAX_MEMORY))
 

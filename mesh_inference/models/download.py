@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from mesh_inference.core.messages import SHA256_HEX
 from mesh_inference.models.refs import (
     ModelError,
     ResolvedModel,
@@ -53,7 +54,6 @@ CHUNK = 1 << 20
 PROGRESS_INTERVAL = 0.25  # seconds between progress reports
 RETRY_DELAYS = (0.0, 1.0, 3.0, 10.0)  # back-off between resumes within one call
 SOCKET_TIMEOUT = 30.0
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -137,7 +137,7 @@ def _metadata(repo: str, file: str, revision: str, token: str | None) -> _Remote
     if urllib.parse.urlsplit(location).scheme not in ("http", "https"):
         raise ModelError(f"the hub sent {what} to a non-HTTP location")
     etag = (meta.etag or "").lower()
-    return _Remote(file, location, int(meta.size), etag if _SHA256.match(etag) else None)
+    return _Remote(file, location, int(meta.size), etag if SHA256_HEX.fullmatch(etag) else None)
 
 
 def _same_origin(a: str, b: str) -> bool:

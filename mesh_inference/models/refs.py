@@ -42,6 +42,8 @@ from importlib import resources
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Literal, TypeVar
 
+from mesh_inference.core.messages import SHA256_HEX
+
 GGUF_MAGIC = b"GGUF"
 MAX_REF_LENGTH = 1024
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<idx>\d{5})-of-(?P<total>\d{5})\.gguf$")
@@ -49,7 +51,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 _REPO = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _P = TypeVar("_P", bound=PurePath)
 
 
@@ -165,7 +166,7 @@ def _check_entry(raw: Any, i: int) -> CatalogEntry:
         raise ModelError(f"{label}: a split model must name its first part")
     if entry.size_bytes <= 0:
         raise ModelError(f"{label}: size_bytes must be positive")
-    if entry.sha256 is not None and (not _SHA256.match(entry.sha256) or m):
+    if entry.sha256 is not None and (not SHA256_HEX.fullmatch(entry.sha256) or m):
         raise ModelError(f"{label}: sha256 must be 64 lowercase hex digits, single files only")
     if not all((entry.display_name, entry.quant, entry.params, entry.license)):
         raise ModelError(f"{label}: display_name, quant, params and license must not be empty")

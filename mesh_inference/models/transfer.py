@@ -40,7 +40,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -50,6 +49,7 @@ from typing import Any, Literal, TypeVar
 
 from mesh_inference.core.dcf import Frame, FrameDecoder, FrameEncoder, MessageType, ProtocolError
 from mesh_inference.core.messages import (
+    SHA256_HEX,
     ErrorMessage,
     FetchModel,
     ModelFile,
@@ -68,7 +68,6 @@ STALL_TIMEOUT = 60.0  # without a byte, a transfer counts as interrupted
 PROGRESS_INTERVAL = 0.25
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_SERVING = 2  # transfers a holder serves at once; more are refused ("busy")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 T = TypeVar("T")
 OpenStream = Callable[[bytes], Awaitable[tuple[asyncio.StreamReader, Any]]]
@@ -264,7 +263,7 @@ async def fetch_model(
 
     ``open_stream(first_payload)`` opens a FetchModel stream to the peer.
     """
-    if not _SHA256.fullmatch(sha256):
+    if not SHA256_HEX.fullmatch(sha256):
         raise ValueError(f"not a sha256: {sha256!r}")
     part = dest.with_name(dest.name + ".part")
     try:
