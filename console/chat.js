@@ -2,6 +2,9 @@ import { el, copyText } from "./util.js";
 import { renderMarkdown } from "./markdown.js";
 
 const KEY = "mesh-inference.chats.v1";
+// The API key (when the node has --api-key): this tab only, sent as a Bearer token on /v1.
+// The console's own /api routes use the login cookie instead.
+const API_KEY = "mesh-inference.api-key";
 const SYSTEM = { role: "system", content: "You are a helpful assistant." };
 let chats = load();
 let current = chats[0]?.id ?? null;
@@ -65,11 +68,29 @@ function setBusy(busy) {
   document.getElementById("stop").hidden = !busy;
 }
 
-async function errorText(resp) {
+async function errorOf(resp) {
   try {
     const data = await resp.json();
-    return data?.error?.message || `HTTP ${resp.status}`;
-  } catch { return `HTTP ${resp.status}`; }
+    return { message: data?.error?.message || `HTTP ${resp.status}`, code: data?.error?.code };
+  } catch { return { message: `HTTP ${resp.status}`, code: null }; }
+}
+
+let memoryKey = "";  // when sessionStorage is unavailable
+function apiKey() {
+  try { return sessionStorage.getItem(API_KEY) || memoryKey; } catch { return memoryKey; }
+}
+
+function askForKey(message) {
+  document.getElementById("api-key-form").hidden = false;
+  document.getElementById("api-key-error").textContent = message;
+  document.getElementById("api-key").focus();
+}
+
+function apiHeaders() {
+  const headers = { "content-type": "application/json" };
+  const key = apiKey();
+  if (key) headers.authorization = `Bearer ${key}`;
+  return headers;
 }
 
 async function complete() {
@@ -85,11 +106,19 @@ async function complete() {
   let tokens = 0;
   try {
     const resp = await fetch("/v1/chat/completions", {
-      method: "POST", headers: { "content-type": "application/json" }, signal: controller.signal,
+      method: "POST", headers: apiHeaders(), signal: controller.signal,
       body: JSON.stringify({ messages: [SYSTEM, ...history], stream: true, temperature: 0.7, max_tokens: 512 }),
     });
     if (!resp.ok) {
-      const msg = await errorText(resp);
+      const { message: msg, code } = await errorOf(resp);
+      if (resp.status === 401 && code === "invalid_api_key") {
+        const had = apiKey();
+        memoryKey = "";
+        try { sessionStorage.removeItem(API_KEY); } catch { /* nothing stored */ }
+        answer.needsKey = true;
+        askForKey(had ? "The node refused that API key." : "");
+        throw new Error("This node's API needs its API key: enter it above.");
+      }
       throw new Error(resp.status === 503 ? `The mesh cannot answer yet: ${msg}` : msg);
     }
     const reader = resp.body.getReader();
@@ -168,6 +197,23 @@ export function initChat() {
     while (c.messages.length && c.messages[c.messages.length - 1].role === "assistant") c.messages.pop();
     if (c.messages.length) complete();
   });
+  document.getElementById("api-key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const input = document.getElementById("api-key");
+    const key = input.value.trim();
+    if (!key) return;
+    memoryKey = key;
+    try { sessionStorage.setItem(API_KEY, key); } catch { /* kept in memory only */ }
+    input.value = "";
+    document.getElementById("api-key-form").hidden = true;
+    // The answer that failed for want of a key is asked again, now with it.
+    const c = chat();
+    const last = c?.messages[c.messages.length - 1];
+    if (last?.needsKey && !controller) { c.messages.pop(); complete(); }
+  });
+  fetch("/api/session", { cache: "no-store" }).then((r) => r.json()).then((s) => {
+    if (s.api_key_required && !apiKey()) askForKey("");
+  }).catch(() => { /* the first chat's 401 asks instead */ });
   document.getElementById("messages").addEventListener("click", (e) => {
     if (e.target.classList.contains("copy-code")) copyText(e.target.nextElementSibling.textContent);
   });

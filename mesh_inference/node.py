@@ -44,8 +44,9 @@ from mesh_inference import __version__
 from mesh_inference.api.console import add_model_routes
 from mesh_inference.api.events import EventBus
 from mesh_inference.api.gateway import NoHostError, create_app
+from mesh_inference.api.metrics import NodeCounters
 from mesh_inference.api.openai import make_task_handler
-from mesh_inference.api.security import own_host_names
+from mesh_inference.api.security import own_host_names, public_bind_problem
 from mesh_inference.api.status import StatusInputs, build_status
 from mesh_inference.core.dcf import Frame, MessageType
 from mesh_inference.core.jointoken import JoinToken
@@ -117,6 +118,11 @@ class NodeConfig:
     allowed_hosts: tuple[str, ...] = ()  # --allow-host: more names the HTTP API answers to
     # --no-model-copy: never copy the mesh model's file from a peer (weights cross over RPC).
     no_model_copy: bool = False
+    # --api-key: Bearer key for this node's /v1/* (None: open, allowed on loopback only
+    # unless insecure_public); --model-alias: more names for the served model.
+    api_key: str | None = None
+    insecure_public: bool = False
+    model_aliases: tuple[str, ...] = ()
 
 
 class DiscoveryLike(Protocol):
@@ -161,6 +167,7 @@ class Node:
         self._memory = MemoryOffer(0, "none", "")
         self._plan: PlanResult | None = None
         self._planned: tuple[PlanResult | None, str | None, Path | None] | None = None
+        self._plan_changes = 0  # for /metrics
         self._ticker: asyncio.Task[None] | None = None
         self._stopping = False
         self._closed = asyncio.Event()
@@ -168,6 +175,9 @@ class Node:
     # ------------------------------------------------------------------ wiring
     async def start(self) -> None:
         cfg = self.config
+        problem = public_bind_problem(cfg.http_host, cfg.api_key, cfg.insecure_public)
+        if problem is not None:
+            raise ValueError(problem)
         self._loop = asyncio.get_running_loop()
         identity = load_or_create_identity(cfg.state_dir)
         self.node_id = identity.node_id
@@ -228,6 +238,8 @@ class Node:
             console_dir=cfg.console_dir,
             console_token=load_or_create_console_token(cfg.state_dir),
             allowed_hosts=own_host_names(cfg.http_host, extra_hosts),
+            api_key=cfg.api_key,
+            model_aliases=cfg.model_aliases,
         )
         add_model_routes(app, self)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -409,6 +421,7 @@ class Node:
         if planned != self._planned:
             log.info("plan for %s: %s", self._model.ref, plan)
             self._plan, self._planned = plan, planned
+            self._plan_changes += 1
             if self._worker is not None:
                 self._worker.set_host(host_of(plan))
             self._apply(plan)
@@ -494,7 +507,8 @@ class Node:
             await self._worker.serve_tunnel(peer_id, msg, reader, writer)
         elif first.type == MessageType.TASK and self._session is not None:
             # A peer reaches the OpenAI routes only, served here directly.
-            await serve_task(reader, writer, make_task_handler(self, self._session), first=first)
+            handler = make_task_handler(self, self._session, self.config.model_aliases)
+            await serve_task(reader, writer, handler, first=first)
         elif first.type == MessageType.FETCH_MODEL:
             await self._files.serve(peer_id, first, writer)
         else:
@@ -556,6 +570,15 @@ class Node:
                 if self._fetcher is not None and self._fetcher.status is not None
                 else None,
             )
+        )
+
+    def metric_counters(self) -> NodeCounters:
+        """Event counts for ``/metrics`` (the rest is read from :meth:`status`)."""
+        host = self._host
+        return NodeCounters(
+            plan_changes=self._plan_changes,
+            engine_restarts=dict(host.restarts) if host is not None else {},
+            engine_crashes=host.crashes if host is not None else 0,
         )
 
     def subscribe(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:

@@ -6,7 +6,8 @@ u64 LE size, reply), the framing the sidecars' RPC-aware tunnels parse.
 ``python standin_engine.py server --port P --rpc a:1,b:2 --split 0.2,0.8
 --alias m`` first says HELLO through every --rpc endpoint and exits 1
 unless each answers (as llama-server aborts when an rpc-server is
-unreachable), then answers ``GET /health`` and ``POST
+unreachable), then answers ``GET /health``, ``GET /metrics`` (a few
+``llamacpp:`` metrics, as ``llama-server --metrics``) and ``POST
 /v1/chat/completions`` with its own command line in the reply. Standard
 library only, so it starts in a few tens of milliseconds; the in-process
 node tests (test_node_inprocess.py) run it as their engine.
@@ -51,8 +52,10 @@ async def _greet(endpoint: str) -> None:
 async def _serve_http(args: argparse.Namespace) -> None:
     info = {"rpc": args.rpc.split(","), "split": [float(s) for s in args.split.split(",")],
             "alias": args.alias, "model": args.model}  # fmt: skip
+    served = 0
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
         head = await reader.readuntil(b"\r\n\r\n")
         request_line = head.split(b"\r\n", 1)[0].decode()
         length = 0
@@ -61,14 +64,27 @@ async def _serve_http(args: argparse.Namespace) -> None:
                 length = int(line.split(b":", 1)[1])
         if length:
             await reader.readexactly(length)
+        ctype = b"application/json"
         if request_line.startswith("GET /health"):
             body = b'{"status":"ok"}'
+        elif request_line.startswith("GET /metrics"):
+            ctype = b"text/plain; version=0.0.4"
+            body = (b"# HELP llamacpp:requests_served_total Completions answered.\n"
+                    b"# TYPE llamacpp:requests_served_total counter\n"
+                    b"llamacpp:requests_served_total %d\n"
+                    b"# HELP llamacpp:kv_cache_usage_ratio KV-cache usage.\n"
+                    b"# TYPE llamacpp:kv_cache_usage_ratio gauge\n"
+                    b"llamacpp:kv_cache_usage_ratio 0.25\n" % served)
         else:
+            served += 1
             body = json.dumps({"object": "chat.completion", "model": args.alias, "choices": [
                 {"index": 0, "finish_reason": "stop",
-                 "message": {"role": "assistant", "content": json.dumps(info)}}]}).encode()
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+                 "message": {"role": "assistant", "content": json.dumps(info)}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 7, "total_tokens": 8},
+            }).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\n"
+                     b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                     % (ctype, len(body), body))
         await writer.drain()
         writer.close()
 

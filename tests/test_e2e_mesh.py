@@ -58,13 +58,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         lm.stop()
 
 
-def _ask(node: NodeProcess, stream: bool) -> str:
+def _ask(node: NodeProcess, stream: bool, model: str = "smollm2-135m") -> str:
     cli = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused", timeout=120, max_retries=0)
     if stream:
         parts = []
         chunks = 0
         for chunk in cli.chat.completions.create(
-            model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=24, stream=True
+            model=model, messages=QUESTION, temperature=0, max_tokens=24, stream=True
         ):
             chunks += 1
             if chunk.choices and chunk.choices[0].delta.content:
@@ -72,7 +72,7 @@ def _ask(node: NodeProcess, stream: bool) -> str:
         assert chunks > 2, "a streamed answer arrives in several chunks"
         return "".join(parts)
     out = cli.chat.completions.create(
-        model="smollm2-135m", messages=QUESTION, temperature=0, max_tokens=24
+        model=model, messages=QUESTION, temperature=0, max_tokens=24
     )
     return out.choices[0].message.content or ""
 
@@ -234,7 +234,7 @@ def test_weights_cross_as_references_only_to_workers_that_hold_the_file(
         # b's ~28 MB share went as references; c's ~14 MB share went as bytes.
         assert tunnels[b_id]["bytes_up"] < 2_000_000, tunnels
         assert tunnels[c_id]["bytes_up"] > 10_000_000, tunnels
-        assert "Paris" in _ask(a, stream=False)
+        assert "Paris" in _ask(a, stream=False, model="smol")
         assert c.status()["model_fetch"] is None and not list(c_dir.iterdir())
 
         # d has no copy and no --no-model-copy: it copies the file from a peer (verified),
@@ -260,6 +260,6 @@ def test_weights_cross_as_references_only_to_workers_that_hold_the_file(
         )  # fmt: skip
         # d's ~25 MB share crossed as references this time.
         assert st["tunnels"][d_id]["bytes_up"] - before < 2_000_000, st["tunnels"]
-        assert "Paris" in _ask(a, stream=False)
+        assert "Paris" in _ask(a, stream=False, model="smol")
     finally:
         lm.stop()

@@ -160,11 +160,11 @@ async def test_stream_arrives_chunk_by_chunk(mesh: dict[str, Any], where: str) -
 async def test_openai_client_through_worker(mesh: dict[str, Any]) -> None:
     openai = pytest.importorskip("openai")
     cli = openai.AsyncOpenAI(base_url=f"{mesh['worker']}/v1", api_key="x", max_retries=0)
-    out = await cli.chat.completions.create(model="m", messages=CHAT["messages"])
+    out = await cli.chat.completions.create(model="smollm2-135m", messages=CHAT["messages"])
     assert out.choices[0].message.content == "Paris."
     mesh["release"].set()
     parts = [c.choices[0].delta.content async for c in await cli.chat.completions.create(
-        model="m", messages=CHAT["messages"], stream=True) if c.choices]
+        model="smollm2-135m", messages=CHAT["messages"], stream=True) if c.choices]
     assert "".join(p or "" for p in parts) == "The capital is Paris."
     await cli.close()
 

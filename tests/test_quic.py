@@ -284,6 +284,7 @@ class RawClient(QuicConnectionProtocol):
 
 async def raw_client(port: int) -> Any:
     cfg = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], verify_mode=ssl.CERT_NONE)
+    cfg.quantum_readiness_test = True  # as our aioquic dialers do: a qh3 node needs it
     return connect(
         "127.0.0.1", port, configuration=cfg, wait_connected=True, create_protocol=RawClient
     )

@@ -108,6 +108,7 @@ class Relay:
 
     async def _dial_bob(self, alice: _Leg) -> None:
         cfg = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], verify_mode=ssl.CERT_NONE)
+        cfg.quantum_readiness_test = True  # as our aioquic dialers do: a qh3 node needs it
         bob = await self._stack.enter_async_context(
             connect("127.0.0.1", self.target_port, configuration=cfg, create_protocol=_Leg)
         )

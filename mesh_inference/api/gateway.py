@@ -8,8 +8,9 @@ Public API::
 core that serves peers' Task streams). ``/health``, ``/api/status`` and
 ``/api/events`` are open, with secrets removed unless the request proved
 the console login; the guard in :mod:`mesh_inference.api.security` runs in
-front of every route. The backend (the node) is a :class:`GatewayBackend`;
-this module owns no mesh state.
+front of every route. ``/metrics`` (Prometheus) and the request counters
+come from :mod:`mesh_inference.api.metrics`. The backend (the node) is a
+:class:`GatewayBackend`; this module owns no mesh state.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from mesh_inference.api import security
+from mesh_inference.api import metrics, security
 from mesh_inference.api.openai import (
     NoHostError,
     OpenAIBackend,
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 SSE_KEEPALIVE = 15.0
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
 BACKEND_KEY: web.AppKey[Any] = web.AppKey("backend")
+ALIASES_KEY = web.AppKey("model_aliases", tuple[str, ...])  # --model-alias names
 RELAYED_HEADERS = ("content-type", "cache-control", "x-request-id")
 
 __all__ = ["GatewayBackend", "NoHostError", "create_app"]
@@ -88,11 +90,16 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return openai_error(413, "request body too large", "invalid_request_error", "too_large")
+    headers: Any = request.headers
+    aliases: tuple[str, ...] = request.app[ALIASES_KEY]
+    if request.app[security.POLICY_KEY].api_key is not None:
+        # The guard checked it; the key goes no further (not to the host, not to the engine).
+        headers = [(k, v) for k, v in headers.items() if k.lower() != "authorization"]
     resp = await serve_openai(
         request.app[BACKEND_KEY], request.app[SESSION_KEY], request.method, request.path,
-        request.headers, raw,
+        headers, raw, aliases=aliases,
     )
-    return await _relay(request, resp)
+    return await _relay(request, metrics.watch_completion(request, resp))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -148,13 +155,19 @@ def create_app(
     console_dir: Path | None,
     console_token: str,
     allowed_hosts: Iterable[str] = (),
+    api_key: str | None = None,
+    model_aliases: Iterable[str] = (),
 ) -> web.Application:
     """The gateway app. ``console_token``: the login secret (``<state-dir>/console-token``);
     ``allowed_hosts``: names and addresses besides loopback that the node answers to
-    (see :func:`mesh_inference.api.security.own_host_names`)."""
+    (see :func:`mesh_inference.api.security.own_host_names`); ``api_key``: the Bearer key
+    ``/v1/*`` needs (None: open); ``model_aliases``: more names for the served model."""
     app = web.Application(client_max_size=MAX_BODY + 1024)
     app[BACKEND_KEY] = backend
-    security.install(app, security.AccessPolicy.of(console_token, allowed_hosts))
+    app[ALIASES_KEY] = tuple(model_aliases)
+    # Before the guard: its middleware counts the requests the guard refuses too.
+    metrics.install(app, backend, session=lambda: app[SESSION_KEY])
+    security.install(app, security.AccessPolicy.of(console_token, allowed_hosts, api_key))
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         app[SESSION_KEY] = aiohttp.ClientSession()

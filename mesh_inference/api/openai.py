@@ -2,9 +2,10 @@
 
 Public API::
 
-    resp = await serve_openai(backend, session, method, path, headers, body)
-    handler = make_task_handler(backend, session)   # for net.proxy.serve_task
+    resp = await serve_openai(backend, session, method, path, headers, body, aliases=())
+    handler = make_task_handler(backend, session, aliases)   # for net.proxy.serve_task
     checked = validate_body("chat" | "completion", raw)   # dict, or an error response
+    onward = check_model(checked, raw, served_name, aliases)   # bytes, or a 404
 
 Both the aiohttp routes (gateway.py) and a peer's Task stream (the node's
 ``serve_task``) come through :func:`serve_openai`, so a peer reaches the
@@ -20,7 +21,8 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Iterable, Mapping
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -145,41 +147,264 @@ def parse_json_object(raw: bytes) -> dict[str, Any] | ProxiedResponse:
     return body
 
 
+# Chat roles the engine's chat templates know ("developer" is OpenAI's newer "system").
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# Content parts that need a multimodal engine. llama-server runs without an mmproj here
+# (and SmolLM2 is text-only), so they are refused rather than failing inside the engine.
+MEDIA_PARTS = frozenset(
+    {"image_url", "image", "input_image", "input_audio", "audio", "file", "video_url"}
+)
+MAX_STOP = 4
+
+
+def _bad_type(message: str, param: str | None) -> ProxiedResponse:
+    return error_response(400, message, "invalid_request_error", "invalid_type", param)
+
+
+def _bad_value(message: str, param: str | None) -> ProxiedResponse:
+    return error_response(400, message, "invalid_request_error", "invalid_value", param)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_obj(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, list)
+
+
+def _between(lo: float, hi: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: lo <= v <= hi), f"between {lo:g} and {hi:g}"
+
+
+_AT_LEAST_1: tuple[Callable[[Any], bool], str] = (lambda v: v >= 1, ">= 1")
+_ANY: tuple[None, str] = (None, "")
+# field -> (what it must be, type check, (value check, what the value must be)).
+# ``null`` means "not given" for every one of them, as in OpenAI's API.
+_Rule = tuple[str, Callable[[Any], bool], tuple[Callable[[Any], bool] | None, str]]
+_COMMON: dict[str, _Rule] = {
+    "model": ("a string", _is_str, _ANY),
+    "stream": ("a boolean", _is_bool, _ANY),
+    "max_tokens": ("an integer", _is_int, _AT_LEAST_1),
+    "temperature": ("a number", _is_num, _between(0, 2)),
+    "top_p": ("a number", _is_num, _between(0, 1)),
+    "n": ("an integer", _is_int, (lambda v: v == 1, "1 (one choice per request)")),
+    "seed": ("an integer", _is_int, _ANY),
+    "presence_penalty": ("a number", _is_num, _between(-2, 2)),
+    "frequency_penalty": ("a number", _is_num, _between(-2, 2)),
+    "logit_bias": ("an object", _is_obj, _ANY),
+    "user": ("a string", _is_str, _ANY),
+    "stream_options": ("an object", _is_obj, _ANY),
+}
+_CHAT: dict[str, _Rule] = {
+    "max_completion_tokens": ("an integer", _is_int, _AT_LEAST_1),
+    "logprobs": ("a boolean", _is_bool, _ANY),
+    "top_logprobs": ("an integer", _is_int, _between(0, 20)),
+    "tools": ("a list", _is_list, _ANY),
+    "tool_choice": ("a string or an object", lambda v: isinstance(v, str | dict), _ANY),
+    "parallel_tool_calls": ("a boolean", _is_bool, _ANY),
+    "response_format": ("an object", _is_obj, _ANY),
+}
+_COMPLETION: dict[str, _Rule] = {
+    "logprobs": ("an integer", _is_int, _between(0, 5)),
+    "echo": ("a boolean", _is_bool, _ANY),
+    "suffix": ("a string", _is_str, _ANY),
+    "best_of": ("an integer", _is_int, (lambda v: v == 1, "1 (one choice per request)")),
+}
+
+
+def _check_fields(body: dict[str, Any], rules: dict[str, _Rule]) -> ProxiedResponse | None:
+    for name, (kind, type_ok, (value_ok, values)) in rules.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if not type_ok(value):
+            return _bad_type(f"'{name}' must be {kind}, not {_json_kind(value)}", name)
+        if value_ok is not None and not value_ok(value):
+            return _bad_value(f"'{name}' must be {values}; got {value!r}"[:300], name)
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _check_stop(stop: Any) -> ProxiedResponse | None:
+    if stop is None or isinstance(stop, str):
+        return None
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        return _bad_type("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP:
+        return _bad_value(f"'stop' takes at most {MAX_STOP} sequences, got {len(stop)}", "stop")
+    return None
+
+
+def _check_content(i: int, content: Any) -> ProxiedResponse | None:
+    where = f"messages[{i}].content"
+    if content is None or isinstance(content, str):
+        return None
+    if not isinstance(content, list):
+        return _bad_type(f"{where} must be a string or a list of content parts", "messages")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            return _bad_type(f"{where}[{j}] must be an object with a string 'type'",
+                             "messages")
+        kind = part["type"]
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                return _bad_type(f"{where}[{j}].text must be a string", "messages")
+        elif kind in MEDIA_PARTS:
+            return error_response(
+                400, f"{where}[{j}]: '{kind}' content is not supported by this model "
+                "(the mesh serves a text-only model)", "invalid_request_error",
+                "unsupported_content", "messages",
+            )
+        else:
+            return _bad_value(f"{where}[{j}] has an unknown content type {kind[:40]!r}",
+                              "messages")
+    return None
+
+
+def _check_messages(msgs: Any) -> ProxiedResponse | None:
+    if not isinstance(msgs, list):
+        return _bad_type("'messages' must be a non-empty list", "messages")
+    if not msgs:
+        return _bad_value("'messages' must be a non-empty list", "messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return _bad_type(f"messages[{i}] must be an object with a string 'role'",
+                             "messages")
+        if m["role"] not in ROLES:
+            return _bad_value(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}; "
+                              f"got {m['role'][:40]!r}", "messages")
+        bad = _check_content(i, m.get("content"))
+        if bad is not None:
+            return bad
+        for field, kind, ok in (("name", "a string", _is_str),
+                                ("tool_call_id", "a string", _is_str),
+                                ("tool_calls", "a list", _is_list)):
+            if m.get(field) is not None and not ok(m[field]):
+                return _bad_type(f"messages[{i}].{field} must be {kind}", "messages")
+    return None
+
+
 def validate_body(kind: str, raw: bytes) -> dict[str, Any] | ProxiedResponse:
-    """Parse and check an OpenAI request body; an error response if it is bad."""
+    """Parse and check an OpenAI request body; an error response if it is bad.
+
+    Wrong types are ``invalid_type``, values out of range ``invalid_value``, media
+    content parts ``unsupported_content`` (all 400, ``invalid_request_error``).
+    """
     body = parse_json_object(raw)
     if isinstance(body, ProxiedResponse):
         return body
-    if "model" in body and not isinstance(body["model"], str):
-        return _invalid("'model' must be a string", "model")
     if kind == "chat":
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            return _invalid("'messages' must be a non-empty list", "messages")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                return _invalid(f"messages[{i}] must be an object with a string 'role'",
-                                "messages")
-            content = m.get("content")
-            if content is not None and not isinstance(content, str | list):
-                return _invalid(f"messages[{i}].content must be a string or a list",
-                                "messages")
+        bad = _check_messages(body.get("messages"))
     else:
         prompt = body.get("prompt")
         ok = isinstance(prompt, str) or (
             isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)
         )
-        if not ok:
-            return _invalid("'prompt' must be a string or a list of strings", "prompt")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        return _invalid("'stream' must be a boolean", "stream")
-    mt = body.get("max_tokens")
-    if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
-        return _invalid("'max_tokens' must be an integer >= 1", "max_tokens")
-    t = body.get("temperature")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or t < 0):
-        return _invalid("'temperature' must be a number >= 0", "temperature")
-    return body
+        bad = None if ok else _bad_type("'prompt' must be a string or a list of strings",
+                                        "prompt")
+    if bad is None:
+        bad = _check_fields(body, _COMMON) or _check_fields(
+            body, _CHAT if kind == "chat" else _COMPLETION) or _check_stop(body.get("stop"))
+    if bad is None and kind == "chat":
+        fmt, tools = body.get("response_format"), body.get("tools")
+        if isinstance(fmt, dict) and not isinstance(fmt.get("type"), str):
+            bad = _bad_type("'response_format' must be an object with a string 'type'",
+                            "response_format")
+        elif isinstance(tools, list) and not all(isinstance(t, dict) for t in tools):
+            bad = _bad_type("'tools' must be a list of objects", "tools")
+    return body if bad is None else bad
+
+
+def check_model(
+    body: dict[str, Any], raw: bytes, served: str | None, aliases: Sequence[str] = ()
+) -> bytes | ProxiedResponse:
+    """The body to send on, or a 404 for a model this mesh does not serve.
+
+    No ``model`` (or a mesh whose model is not known here yet) is accepted as is;
+    an alias becomes the served name, so the host need not know this node's aliases.
+    """
+    asked = body.get("model")
+    if asked is None or served is None or asked == served:
+        return raw
+    if asked in aliases:
+        return json.dumps({**body, "model": served}).encode()
+    names = ", ".join(repr(n) for n in (served, *aliases))
+    return error_response(
+        404, f"The model {asked[:200]!r} does not exist here; this mesh serves {names}",
+        "invalid_request_error", "model_not_found", "model",
+    )
+
+
+# llama-server answers 500 for some bad input (a JSON type error deep in a message, an
+# image without an mmproj, "tools" that is not a list); such answers become 400.
+_ENGINE_INPUT_ERROR = re.compile(
+    r"failed to parse|parse error|json\.exception|type_error|invalid|must be|expected"
+    r"|not supported|unsupported|missing",
+    re.IGNORECASE,
+)
+_ENGINE_ERROR_MAX = 64 * 1024
+
+
+async def engine_input_error(resp: ProxiedResponse) -> ProxiedResponse:
+    """A 500 whose JSON error blames the input → 400 ``invalid_request_error``, keeping
+    the engine's message; every other answer passes through unchanged."""
+    ctype = dict(resp.headers).get("content-type")
+    if resp.status != 500 or not is_json_type(ctype):
+        return resp
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.body_iter:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > _ENGINE_ERROR_MAX:
+            break
+    data = b"".join(chunks)
+    if size <= _ENGINE_ERROR_MAX:
+        try:
+            err = json.loads(data).get("error")
+            message = err.get("message") if isinstance(err, dict) else None
+        except (ValueError, AttributeError):
+            message = None
+        if isinstance(message, str) and _ENGINE_INPUT_ERROR.search(message):
+            return error_response(400, message, "invalid_request_error", "invalid_request")
+
+    async def replay() -> AsyncIterator[bytes]:
+        try:
+            yield data
+            async for rest in resp.body_iter:
+                yield rest
+        finally:
+            aclose = getattr(resp.body_iter, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    return ProxiedResponse(resp.status, resp.headers, replay())
 
 
 def is_json_type(content_type: str | None) -> bool:
@@ -222,12 +447,13 @@ async def call_engine(
     return ProxiedResponse(resp.status, headers_out, body_iter())
 
 
-def _models(backend: OpenAIBackend) -> ProxiedResponse:
+def _models(backend: OpenAIBackend, aliases: Sequence[str] = ()) -> ProxiedResponse:
     name = backend.served_model()
     data = (
         []
         if name is None
-        else [{"id": name, "object": "model", "created": 0, "owned_by": "mesh-inference"}]
+        else [{"id": n, "object": "model", "created": 0, "owned_by": "mesh-inference"}
+              for n in dict.fromkeys((name, *aliases))]
     )
     return json_response(200, {"object": "list", "data": data})
 
@@ -289,11 +515,14 @@ async def serve_openai(
     path: str,
     headers: Headers,
     body: bytes,
+    *,
+    aliases: Sequence[str] = (),
 ) -> ProxiedResponse:
     """Serve one OpenAI API request: to the engine, to the host, or an error.
 
     ``path`` may carry a query string (ignored). Only the routes in
     ``_ROUTES`` exist; anything else is a 404, a wrong method a 405.
+    ``aliases``: other names accepted for the served model (``--model-alias``).
     """
     route = path.split("?", 1)[0]
     known = _ROUTES.get(route)
@@ -309,7 +538,7 @@ async def serve_openai(
             "method_not_allowed",
         )
     if kind is None:
-        return _models(backend)
+        return _models(backend, aliases)
     pairs = filter_headers(headers)
     if not is_json_type(dict(pairs).get("content-type")):
         return error_response(
@@ -319,13 +548,23 @@ async def serve_openai(
     checked = validate_body(kind, body)
     if isinstance(checked, ProxiedResponse):
         return checked
-    return await _completion(backend, session, route, pairs, body)
+    onward = check_model(checked, body, backend.served_model(), aliases)
+    if isinstance(onward, ProxiedResponse):
+        return onward
+    return await engine_input_error(await _completion(backend, session, route, pairs, onward))
 
 
-def make_task_handler(backend: OpenAIBackend, session: aiohttp.ClientSession) -> Handler:
-    """The ``serve_task`` handler for peers' Task streams: the OpenAI routes only."""
+def make_task_handler(
+    backend: OpenAIBackend, session: aiohttp.ClientSession, aliases: Sequence[str] = ()
+) -> Handler:
+    """The ``serve_task`` handler for peers' Task streams: the OpenAI routes only.
+
+    No API key here: peers proved the mesh secret, and the key is checked at the HTTP
+    edge of the node that received the request (:mod:`mesh_inference.api.security`).
+    """
 
     async def handler(head: TaskHead, body: bytes) -> ProxiedResponse:
-        return await serve_openai(backend, session, head.method, head.path, head.headers, body)
+        return await serve_openai(backend, session, head.method, head.path, head.headers, body,
+                                  aliases=aliases)
 
     return handler

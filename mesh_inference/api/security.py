@@ -2,7 +2,7 @@
 
 Public API::
 
-    policy = AccessPolicy.of(console_token, own_host_names(http_host, extra))
+    policy = AccessPolicy.of(console_token, own_host_names(http_host, extra), api_key)
     app = web.Application(middlewares=[guard]); app[POLICY_KEY] = policy
     add_login_routes(app)            # GET /api/session, POST /api/login, POST /api/logout
     has_access(request)              # proved the console token (cookie, bearer, ?token=)
@@ -23,7 +23,15 @@ Threats, and what stops them (as in Jupyter):
   ``<state-dir>/console-token``, which the CLI prints in the console URL.
   Visiting that URL sets an HttpOnly, SameSite=Strict cookie.
 
-``/v1/*``, ``/health`` and the status JSON without secrets stay open.
+* *The API on a network*: with an API key (``--api-key``), ``/v1/*`` needs
+  ``Authorization: Bearer <key>`` (compared in constant time; 401
+  ``invalid_api_key`` otherwise). The node refuses a non-loopback
+  ``--http-host`` without a key unless told ``--insecure-public``
+  (:func:`public_bind_problem`). The console's own routes keep the login;
+  peers' Tasks never come here (they proved the mesh secret).
+
+``/health`` and the status JSON without secrets stay open; so do ``/v1/*``
+and ``/metrics`` when no API key is set (with one, ``/metrics`` needs it too).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from mesh_inference.api.openai import is_json_type, openai_error
 from mesh_inference.machine.state import CONSOLE_TOKEN_RE
 
 ACCESS_KEY = web.RequestKey("console_access", bool)
+METRICS_PATH = "/metrics"  # Prometheus (api/metrics.py)
 TOKEN_PARAM = "token"
 MAX_TOKEN_LEN = 512
 SECRET_KEYS = frozenset({"join_token"})
@@ -68,16 +77,21 @@ class AccessPolicy:
 
     console_token: str
     allowed_hosts: frozenset[str] = frozenset()
+    api_key: str | None = None  # --api-key: Bearer auth on /v1/*; None: /v1 is open
 
     def __post_init__(self) -> None:
         if not CONSOLE_TOKEN_RE.fullmatch(self.console_token):
             raise ValueError("the console token must be 32-512 URL-safe base64 characters")
+        if self.api_key is not None:
+            check_api_key(self.api_key)
 
     @classmethod
-    def of(cls, console_token: str, allowed_hosts: Iterable[str] = ()) -> AccessPolicy:
+    def of(cls, console_token: str, allowed_hosts: Iterable[str] = (),
+           api_key: str | None = None) -> AccessPolicy:
         """A policy with ``allowed_hosts`` normalized as Host headers are."""
         return cls(console_token,
-                   frozenset(_normal_name(h) for h in allowed_hosts if h and h.strip()))
+                   frozenset(_normal_name(h) for h in allowed_hosts if h and h.strip()),
+                   api_key)
 
     @property
     def cookie_name(self) -> str:
@@ -89,6 +103,32 @@ class AccessPolicy:
     def matches(self, candidate: str) -> bool:
         """Constant-time comparison (non-ASCII input must not raise)."""
         return hmac.compare_digest(candidate.encode(), self.console_token.encode())
+
+    def api_key_matches(self, candidate: str | None) -> bool:
+        """Whether ``candidate`` is the API key (constant time); true when none is set."""
+        if self.api_key is None:
+            return True
+        # Undecodable header bytes arrive as surrogates: compare them, never raise.
+        given = (candidate or "").encode("utf-8", "surrogatepass")
+        return hmac.compare_digest(given, self.api_key.encode())
+
+
+def check_api_key(key: str) -> str:
+    """``key`` if it can be an API key (1-512 visible ASCII characters), else ValueError."""
+    if not 0 < len(key) <= MAX_TOKEN_LEN or not all("!" <= c <= "~" for c in key):
+        raise ValueError("the API key must be 1-512 visible ASCII characters (no spaces)")
+    return key
+
+
+def public_bind_problem(http_host: str, api_key: str | None, insecure_public: bool) -> str | None:
+    """Why serving the API on ``http_host`` is refused (a public address without an API
+    key and without ``--insecure-public``), or None when it may start."""
+    if api_key is not None or insecure_public or is_loopback(_normal_name(http_host)):
+        return None
+    return (f"--http-host {http_host or '(all addresses)'} is not a loopback address, so the "
+            "OpenAI API would be open to the network without a key: set --api-key-file PATH "
+            "(or --api-key KEY, or MESH_INFERENCE_API_KEY), or pass --insecure-public to "
+            "serve it without one")
 
 
 POLICY_KEY = web.AppKey("access_policy", AccessPolicy)
@@ -230,8 +270,18 @@ def _error(status: int, message: str, code: str) -> web.Response:
     return openai_error(status, message, kind, code)
 
 
+def _api_key_refused(missing: bool) -> web.Response:
+    # As OpenAI answers: 401, invalid_request_error / invalid_api_key, and the challenge.
+    message = ("this node's API needs an API key: send 'Authorization: Bearer <key>' "
+               "(the key the node was started with, --api-key)" if missing
+               else "incorrect API key provided")
+    resp = openai_error(401, message, "invalid_request_error", "invalid_api_key")
+    resp.headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
+    return resp
+
+
 def _console_path(path: str) -> bool:
-    return not (path.startswith(("/api/", "/v1/")) or path in ("/v1", "/health"))
+    return not (path.startswith(("/api/", "/v1/")) or path in ("/v1", "/health", METRICS_PATH))
 
 
 def _set_login_cookie(resp: web.StreamResponse, policy: AccessPolicy) -> None:
@@ -278,11 +328,17 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if origin is not None and origin_checked and not same_origin(origin, host, request.scheme):
         return _error(403, f"cross-origin request from {origin[:100]!r} refused",
                       "cross_origin")
+    is_api = path.startswith("/v1/") or path == "/v1"
+    # /metrics is open like /health, but with an API key a scraper must send it too
+    # (Prometheus cannot log in: bearer_token / authorization in its scrape config).
+    is_api = is_api or (path == METRICS_PATH and policy.api_key is not None)
+    if is_api and not policy.api_key_matches(_bearer(request)):
+        return _api_key_refused(_bearer(request) is None)
     if method in BODY_METHODS and not is_json_type(request.headers.get(hdrs.CONTENT_TYPE)):
         return _error(415, "the request body must be application/json",
                       "unsupported_media_type")
     granted = False
-    if not (path.startswith("/v1/") or path == "/v1"):
+    if not is_api:
         # On /v1 the Authorization header is an OpenAI API key, not our login.
         presented = _presented(request)
         if presented is not None:
@@ -313,8 +369,11 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 # ---------------------------------------------------------------------- login routes
 async def session(request: web.Request) -> web.Response:
-    return web.json_response({"authenticated": has_access(request)},
-                             headers={"cache-control": "no-store"})
+    data = {"authenticated": has_access(request)}
+    if request.app[POLICY_KEY].api_key is not None:
+        # The console then asks for the key for its chat (no secret: every /v1 401 says so).
+        data["api_key_required"] = True
+    return web.json_response(data, headers={"cache-control": "no-store"})
 
 
 async def login(request: web.Request) -> web.Response:

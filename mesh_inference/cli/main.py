@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import urllib.error
@@ -16,6 +17,7 @@ import click
 
 from mesh_inference import __version__
 from mesh_inference.cli.models import models
+from mesh_inference.machine.logs import PROGRESS_LOGGER, configure_logging
 
 DEFAULT_PORT = 9337
 
@@ -73,6 +75,34 @@ def _parse_port(value: int, flag: str) -> int:
     help="Another host name the API and console answer to (repeatable), e.g. a DNS name "
     "or a reverse proxy's; loopback, this machine's name and addresses always work. "
     "Requests for any other name are refused (DNS-rebinding protection).",
+)
+@click.option(
+    "--api-key",
+    envvar="MESH_INFERENCE_API_KEY",
+    metavar="KEY",
+    help="Require 'Authorization: Bearer KEY' on the OpenAI API (/v1/*); also read from "
+    "$MESH_INFERENCE_API_KEY. Prefer --api-key-file: a command line is visible to every user.",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PATH",
+    help="Read the API key from PATH at start (surrounding whitespace stripped; "
+    "make the file mode 0600).",
+)
+@click.option(
+    "--insecure-public",
+    is_flag=True,
+    help="Serve the API on a non-loopback --http-host without an API key (anyone who can "
+    "reach the port can use it). Without it such a node refuses to start.",
+)
+@click.option(
+    "--model-alias",
+    "model_aliases",
+    multiple=True,
+    metavar="NAME",
+    help="Another name clients may give as 'model' for the served model (repeatable); "
+    "listed by /v1/models. Any other name gets 404 model_not_found.",
 )
 @click.option(
     "--http-port",
@@ -150,6 +180,14 @@ def _parse_port(value: int, flag: str) -> int:
 )
 @click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads for the engine.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr: human text, or one JSON object per line "
+    "(ts, level, logger, msg, exception) for log collectors.",
+)
 @click.version_option(__version__, prog_name="mesh-inference")
 @click.pass_context
 def cli(ctx: click.Context, /, **opts: Any) -> None:
@@ -171,12 +209,23 @@ def _run_node(**opts: Any) -> None:
     from mesh_inference.node import Node, NodeConfig
 
     level = logging.WARNING - 10 * min(2, opts["verbose"])
-    logging.basicConfig(
-        level=min(level, logging.INFO) if opts["verbose"] else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        min(level, logging.INFO) if opts["verbose"] else logging.WARNING, opts["log_format"]
     )
     _parse_port(opts["http_port"], "--http-port")
     _parse_port(opts["quic_port"], "--quic-port")
+    api_key = _load_api_key(opts["api_key"], opts["api_key_file"])
+    from mesh_inference.api.security import public_bind_problem
+
+    problem = public_bind_problem(opts["http_host"], api_key, opts["insecure_public"])
+    if problem is not None:
+        raise click.UsageError(problem)
+    if api_key is None and opts["insecure_public"]:
+        click.echo(f"warning: the API on {opts['http_host']} has no key (--insecure-public)",
+                   err=True)
+    aliases = tuple(dict.fromkeys(a.strip() for a in opts["model_aliases"]))
+    if any(not a or len(a) > 256 for a in aliases):
+        raise click.BadParameter("an alias is 1-256 characters", param_hint="--model-alias")
     if opts["max_vram"] is not None and not 0 <= opts["max_vram"] <= 1 << 20:
         raise click.BadParameter("must be between 0 and 1048576", param_hint="--max-vram")
     token = None
@@ -217,6 +266,9 @@ def _run_node(**opts: Any) -> None:
         timers=MembershipTimers(),
         console_dir=_console_dir(),
         no_model_copy=opts["no_model_copy"],
+        api_key=api_key,
+        insecure_public=opts["insecure_public"],
+        model_aliases=aliases,
     )
 
     if config.model_ref is not None:
@@ -241,7 +293,8 @@ def _run_node(**opts: Any) -> None:
         click.echo(f"mesh-inference {__version__}")
         click.echo(f"  node id    {node.node_id}  ({status['node']['role']})")
         click.echo(f"  console    {node.http_url}/?token={console_token}")
-        click.echo(f"  API        {node.http_url}/v1  (OpenAI-compatible)")
+        keyed = "; needs the API key" if api_key is not None else ""
+        click.echo(f"  API        {node.http_url}/v1  (OpenAI-compatible{keyed})")
         click.echo(f"  QUIC       udp/{node.quic_port}")
         click.echo(f"  join token {node.join_token.encode() if node.join_token else '-'}")
         click.echo(
@@ -252,14 +305,56 @@ def _run_node(**opts: Any) -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        watcher = asyncio.ensure_future(_report_progress(node))
+        as_log = opts["log_format"] == "json"  # then stderr carries JSON lines only
+        watcher = asyncio.ensure_future(_report_progress(node, as_log=as_log))
         await stop.wait()
         watcher.cancel()
-        click.echo("stopping…", err=True)
+        if as_log:
+            logging.getLogger(PROGRESS_LOGGER).info("stopping")
+        else:
+            click.echo("stopping…", err=True)
         await node.stop()
         return 0
 
-    sys.exit(asyncio.run(main()))
+    sys.exit(_run_loop(main()))
+
+
+def _load_api_key(key: str | None, key_file: Path | None) -> str | None:
+    """The API key from --api-key / $MESH_INFERENCE_API_KEY or --api-key-file, checked."""
+    from mesh_inference.api.security import check_api_key
+
+    if key is not None and key_file is not None:
+        raise click.UsageError("give the API key once: --api-key (or $MESH_INFERENCE_API_KEY) "
+                               "or --api-key-file")
+    hint = "--api-key"
+    if key_file is not None:
+        hint = "--api-key-file"
+        try:
+            mode = key_file.stat().st_mode
+            key = key_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {key_file}: {exc}", param_hint=hint) from None
+        if mode & 0o077:
+            click.echo(f"warning: {key_file} can be read by other users; chmod 600 it", err=True)
+    if key is None:
+        return None
+    try:
+        return check_api_key(key.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _run_loop(coro: Any) -> int:
+    """asyncio.run, on uvloop when the ``fast`` extra installed it (MESH_INFERENCE_LOOP=asyncio
+    turns it off). The QUIC edge takes time from time.monotonic, not uvloop's ms-tick clock."""
+    if os.environ.get("MESH_INFERENCE_LOOP", "").strip().lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return int(uvloop.run(coro))
+    return int(asyncio.run(coro))
 
 
 def _fetch_model_if_needed(ref: str, models_dir: Path) -> None:
@@ -276,13 +371,16 @@ def _fetch_model_if_needed(ref: str, models_dir: Path) -> None:
         download_with_progress(ref, models_dir)
 
 
-async def _report_progress(node: Any) -> None:
-    """Show the mesh coming up: a live line on a terminal, plain lines in a log."""
+async def _report_progress(node: Any, *, as_log: bool = False) -> None:
+    """Show the mesh coming up: a live line on a terminal, plain lines in a log
+    (``as_log``: log records, for ``--log-format json``)."""
     from rich.console import Console
 
     console = Console(stderr=True)
+    progress = logging.getLogger(PROGRESS_LOGGER)
     last = ""
-    status_ctx = console.status("joining the mesh…") if console.is_terminal else None
+    live = console.is_terminal and not as_log
+    status_ctx = console.status("joining the mesh…") if live else None
     if status_ctx is not None:
         status_ctx.start()
     try:
@@ -305,7 +403,10 @@ async def _report_progress(node: Any) -> None:
                 last = line
                 if status_ctx is not None:
                     status_ctx.update(line)
-                console.log(line)
+                if as_log:
+                    progress.info(line)
+                else:
+                    console.log(line)
             await asyncio.sleep(0.5)
     finally:
         if status_ctx is not None:

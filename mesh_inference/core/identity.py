@@ -119,6 +119,36 @@ def self_signed_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate
     )
 
 
+def ca_issued_certificate_pem(identity: NodeIdentity) -> tuple[bytes, bytes]:
+    """(certificate, key) in PEM: the node's key certified by a throwaway CA key.
+
+    For TLS stacks that refuse a self-signed server certificate (qh3). The CA
+    certificate itself is never needed: nobody checks the chain, peers
+    authenticate the node key in the mesh handshake. A smaller server flight, too.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mesh-inference session CA")])
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(identity.certificate.subject)
+        .issuer_name(ca_name)
+        .public_key(identity.private_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + CERT_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("mesh-inference")]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key = identity.private_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return leaf.public_bytes(pem), key
+
+
 @dataclass(frozen=True)
 class MeshCredentials:
     mesh_id: str

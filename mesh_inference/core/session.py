@@ -68,10 +68,6 @@ import ssl
 from collections import deque
 from dataclasses import dataclass
 
-from aioquic.quic import events as qe
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import NetworkAddress, QuicConnection
-
 from mesh_inference.core.dcf import (
     DEFAULT_MAX_PAYLOAD,
     HEADER,
@@ -86,6 +82,15 @@ from mesh_inference.core.dcf import (
 from mesh_inference.core.handshake import MAX_HANDSHAKE_PAYLOAD, AuthFailed, Handshake
 from mesh_inference.core.identity import MeshCredentials, NodeIdentity
 from mesh_inference.core.messages import Credit, decode_payload, encode_payload
+from mesh_inference.core.quicstack import (
+    NetworkAddress,
+    QuicConfiguration,
+    QuicConnection,
+    channel_binding,
+    configure_client,
+    configure_server_identity,
+)
+from mesh_inference.core.quicstack import events as qe
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +146,9 @@ def quic_configuration(
         # handshake proves the node key, and the channel binding this session.
         cfg.verify_mode = ssl.CERT_NONE
         cfg.server_name = "mesh-inference"
+        configure_client(cfg)
     else:
-        cfg.certificate = identity.certificate
-        cfg.private_key = identity.private_key
+        configure_server_identity(cfg, identity)
     return cfg
 
 
@@ -301,6 +306,7 @@ class PeerSession:
         self.closed = False
         self.close_reason = ""
         self.terminated = False
+        self._closing_out: list[tuple[bytes, NetworkAddress]] = []
         self._refusing = False
         self._started = not self.is_dialer  # a server connection starts with its first datagram
         self._ctl_enc = FrameEncoder()
@@ -333,7 +339,11 @@ class PeerSession:
         self._now = now
         if self.terminated:
             return
-        self._quic.receive_datagram(data, addr, now=now)
+        try:
+            self._quic.receive_datagram(data, addr, now=now)
+        except Exception as exc:
+            self._stack_failed(exc)
+            return
         self._started = True
         self._process()
 
@@ -345,12 +355,18 @@ class PeerSession:
             self.close("handshake timed out", ERR_AUTH)
         quic_at = self._quic.get_timer() if self._started else None
         if quic_at is not None and now >= quic_at:
-            self._quic.handle_timer(now=now)
+            try:
+                self._quic.handle_timer(now=now)
+            except Exception as exc:
+                self._stack_failed(exc)
+                return
         self._process()
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         self._now = now
-        if not self._started or self.terminated:
+        # Not skipped once terminated: qh3 reports termination as soon as the
+        # application closes, with the CONNECTION_CLOSE still to be sent.
+        if not self._started:
             return []
         if (
             self.authenticated
@@ -362,7 +378,13 @@ class PeerSession:
             self._ping_uid += 1
             self._quic.send_ping(self._ping_uid)
             self._ping_sent = (self._ping_uid, now)  # it goes out in this very call
-        out = self._quic.datagrams_to_send(now=now)
+        try:
+            out = self._quic.datagrams_to_send(now=now)
+        except Exception as exc:
+            self._stack_failed(exc)
+            out = []
+        if self._closing_out:
+            out, self._closing_out = [*self._closing_out, *out], []
         self._process()  # sending can issue connection ids
         return out
 
@@ -477,6 +499,12 @@ class PeerSession:
             return
         self._set_closed(reason, code, by_peer=False)
         self._quic.close(error_code=code, reason_phrase=reason[:200])
+        # Built now: qh3 may report the connection terminated before the next
+        # datagrams_to_send, and then has nothing left to send.
+        try:
+            self._closing_out.extend(self._quic.datagrams_to_send(now=self._now))
+        except Exception as exc:
+            self._stack_failed(exc)
 
     # ------------------------------------------------------------------ internals
     def _require_open(self) -> None:
@@ -519,6 +547,15 @@ class PeerSession:
         self._held.clear()
         self._emit(SessionClosed(reason, code, by_peer))
 
+    def _stack_failed(self, exc: Exception) -> None:
+        # The QUIC stack itself raised (qh3 can, e.g. "packet builder capacity exhausted"
+        # while closing): this connection is over, nothing else is.
+        log.warning("QUIC stack error on a peer session: %s", exc)
+        if not self.closed:
+            self._set_closed(f"QUIC stack error: {exc}", ERR_INTERNAL, by_peer=False)
+        self.terminated = True
+        self._emit(SessionTerminated())
+
     def _process(self) -> None:
         while (event := self._quic.next_event()) is not None:
             if isinstance(event, qe.ConnectionIdIssued):
@@ -559,10 +596,10 @@ class PeerSession:
 
     # -- handshake and control stream
     def _on_tls_complete(self) -> None:
-        key_schedule = self._quic.tls.key_schedule
-        if key_schedule is None:
+        binding = channel_binding(self._quic, CHANNEL_BINDING_LABEL)
+        if binding is None:
             raise AuthFailed("auth failed: TLS finished without a key schedule")
-        self.channel_binding = bytes(key_schedule.derive_secret(CHANNEL_BINDING_LABEL))
+        self.channel_binding = binding
         if self.is_dialer and self._quic.get_next_available_stream_id() != CONTROL_STREAM:
             raise ProtocolError("the control stream must be the dialer's first stream")
         self._hs = Handshake(

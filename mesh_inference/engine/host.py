@@ -11,6 +11,7 @@ Public API::
     host.drop_worker(worker_id)           # a worker died: close its tunnel now
     host.state; host.detail; host.url     # url only while llama-server is ready
     host.tunnel_stats() -> {worker_id: {"port", "bytes_up", "bytes_down"}}
+    host.restarts -> {"plan": n, "crash": n}; host.crashes   # for /metrics
     await host.stop()
 
 State lives here: the tunnel listeners (one 127.0.0.1 port per worker, the
@@ -33,6 +34,8 @@ from mesh_inference.engine.backends import EngineBackend
 from mesh_inference.engine.supervisor import (
     EngineExited,
     EngineReady,
+    EngineRestartScheduled,
+    EngineStarting,
     ProcessSupervisor,
     SupervisorEvent,
 )
@@ -76,6 +79,10 @@ class HostController:
         self.state = "stopped"
         self.detail = ""
         self.startup_s: float | None = None  # spawn → healthy, of the running llama-server
+        # llama-server relaunches: "plan" replaced a live one, "crash" restarted a dead one.
+        self.restarts = {"plan": 0, "crash": 0}
+        self.crashes = 0  # exits nobody asked for
+        self._crash_restart_due = False
 
     @property
     def url(self) -> str | None:
@@ -157,6 +164,9 @@ class HostController:
                 health_url=f"http://127.0.0.1:{self._port}{self._backend.health_path}",
                 on_event=self._on_event,
             )
+        if self._engine.state != "stopped":
+            self.restarts["plan"] += 1
+        self._crash_restart_due = False  # a relaunch supersedes the supervisor's restart
         self._set_state("starting", f"{len(plan.workers) + 1} devices")
         await self._engine.start(argv, self._backend.env())
 
@@ -197,11 +207,17 @@ class HostController:
 
     def _on_event(self, event: SupervisorEvent) -> None:
         log.info("host: %s", event)
+        if isinstance(event, EngineRestartScheduled):
+            self._crash_restart_due = True
+        elif isinstance(event, EngineStarting) and self._crash_restart_due:
+            self._crash_restart_due = False
+            self.restarts["crash"] += 1
         if isinstance(event, EngineReady):
             self.startup_s = event.startup_s
             self._set_state("ready", f"ready in {event.startup_s:.2f} s")
         elif isinstance(event, EngineExited):
             if not event.expected:
+                self.crashes += 1
                 self._set_state("crashed", f"exit code {event.returncode}")
         elif self._engine is not None:
             self._set_state(self._engine.state, self.detail)

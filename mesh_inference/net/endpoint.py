@@ -72,16 +72,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-# The public module (aioquic's own server imports it from here); mypy misses the re-export.
-from aioquic.buffer import Buffer  # type: ignore[attr-defined]
-from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
-from aioquic.quic.connection import NetworkAddress, QuicConnection
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
-
 from mesh_inference.core import session as s
 from mesh_inference.core.dcf import Frame, MessageType
 from mesh_inference.core.identity import MeshCredentials, NodeIdentity
 from mesh_inference.core.jointoken import InvalidJoinToken, format_addr, parse_addr
+from mesh_inference.core.quicstack import (
+    SMALLEST_INITIAL,
+    NetworkAddress,
+    QuicConnection,
+    parse_destination,
+)
 from mesh_inference.core.session import (
     ALPN,
     CID_LENGTH,
@@ -462,18 +462,12 @@ class _UdpSocket:
                 conn.pump()
 
     def _route(self, data: bytes, addr: NetworkAddress) -> _Conn | None:
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
-        except ValueError:
+        header = parse_destination(data, CID_LENGTH)
+        if header is None:
             return None
         conn = self.by_cid.get(header.destination_cid)
         if conn is None:
-            if not (
-                self._accept
-                and header.packet_type == QuicPacketType.INITIAL
-                and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE
-                and header.version in self._endpoint._server_config.supported_versions
-            ):
+            if not (self._accept and header.is_initial and len(data) >= SMALLEST_INITIAL):
                 return None
             conn = self._endpoint._accept(self, header.destination_cid, addr)
         return conn
@@ -553,9 +547,9 @@ class MeshEndpoint:
         on_control_frame: Callable[[str, Frame], None],
         on_stream: StreamHandler,
     ) -> None:
-        if not SMALLEST_MAX_DATAGRAM_SIZE <= max_datagram_size <= 65527:
+        if not SMALLEST_INITIAL <= max_datagram_size <= 65527:
             raise ValueError(
-                f"max_datagram_size must be in {SMALLEST_MAX_DATAGRAM_SIZE}-65527"
+                f"max_datagram_size must be in {SMALLEST_INITIAL}-65527"
             )
         if idle_timeout <= 0 or handshake_timeout <= 0:
             raise ValueError("timeouts must be positive")
