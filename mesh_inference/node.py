@@ -123,6 +123,9 @@ class NodeConfig:
     api_key: str | None = None
     insecure_public: bool = False
     model_aliases: tuple[str, ...] = ()
+    # --request-wait: how long an API request rides out a mesh that does not serve
+    # (no host, engine relaunching, a dead upstream mid-stream) before it fails.
+    request_wait: float = 30.0
 
 
 class DiscoveryLike(Protocol):
@@ -240,6 +243,7 @@ class Node:
             allowed_hosts=own_host_names(cfg.http_host, extra_hosts),
             api_key=cfg.api_key,
             model_aliases=cfg.model_aliases,
+            request_wait=cfg.request_wait,
         )
         add_model_routes(app, self)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)

@@ -94,8 +94,9 @@ async def mesh() -> AsyncIterator[dict[str, Any]]:
     seen: list[dict[str, Any]] = []
     r1, llama_url = await start(fake_llama(seen))
     host_backend = Backend(llama_url)
+    # request_wait: a 503 from a loading engine is waited out for that long, then answered.
     r2, host_url = await start(create_app(host_backend, console_dir=None, console_token=TOKEN,
-                                          model_aliases=[ALIAS]))
+                                          model_aliases=[ALIAS], request_wait=0.2))
     session = aiohttp.ClientSession()
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -108,7 +109,8 @@ async def mesh() -> AsyncIterator[dict[str, Any]]:
         return await asyncio.open_connection("127.0.0.1", port)
 
     r3, worker_url = await start(create_app(Backend(None, opener), console_dir=None,
-                                            console_token=TOKEN, model_aliases=[ALIAS]))
+                                            console_token=TOKEN, model_aliases=[ALIAS],
+                                            request_wait=0.2))
     yield {"host": host_url, "worker": worker_url, "seen": seen}
     server.close()
     await session.close()

@@ -33,8 +33,10 @@ pytestmark = pytest.mark.timeout(60)
 TOKEN = "t" * 43  # a console token; these tests do not log in
 
 
-def gateway(backend: Any) -> web.Application:
-    return create_app(backend, console_dir=None, console_token=TOKEN)
+def gateway(backend: Any, request_wait: float = 0.0) -> web.Application:
+    # No waiting by default: most tests here look at the answer a mesh without a host
+    # or an engine gives; the waiting itself has tests of its own.
+    return create_app(backend, console_dir=None, console_token=TOKEN, request_wait=request_wait)
 
 
 async def start(app: web.Application) -> tuple[web.AppRunner, str]:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from mesh_inference.api import metrics, security
+from mesh_inference.api import continuity, metrics, security
 from mesh_inference.api.openai import (
     NoHostError,
     OpenAIBackend,
@@ -41,6 +41,7 @@ SSE_KEEPALIVE = 15.0
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
 BACKEND_KEY: web.AppKey[Any] = web.AppKey("backend")
 ALIASES_KEY = web.AppKey("model_aliases", tuple[str, ...])  # --model-alias names
+WAIT_KEY = web.AppKey("request_wait", float)  # --request-wait
 RELAYED_HEADERS = ("content-type", "cache-control", "x-request-id")
 
 __all__ = ["GatewayBackend", "NoHostError", "create_app"]
@@ -97,7 +98,7 @@ async def openai_route(request: web.Request) -> web.StreamResponse:
         headers = [(k, v) for k, v in headers.items() if k.lower() != "authorization"]
     resp = await serve_openai(
         request.app[BACKEND_KEY], request.app[SESSION_KEY], request.method, request.path,
-        headers, raw, aliases=aliases,
+        headers, raw, aliases=aliases, wait=request.app[WAIT_KEY],
     )
     return await _relay(request, metrics.watch_completion(request, resp))
 
@@ -157,14 +158,17 @@ def create_app(
     allowed_hosts: Iterable[str] = (),
     api_key: str | None = None,
     model_aliases: Iterable[str] = (),
+    request_wait: float = continuity.WAIT,
 ) -> web.Application:
     """The gateway app. ``console_token``: the login secret (``<state-dir>/console-token``);
     ``allowed_hosts``: names and addresses besides loopback that the node answers to
     (see :func:`mesh_inference.api.security.own_host_names`); ``api_key``: the Bearer key
-    ``/v1/*`` needs (None: open); ``model_aliases``: more names for the served model."""
+    ``/v1/*`` needs (None: open); ``model_aliases``: more names for the served model;
+    ``request_wait``: how long a request waits for the mesh to serve (again), in seconds."""
     app = web.Application(client_max_size=MAX_BODY + 1024)
     app[BACKEND_KEY] = backend
     app[ALIASES_KEY] = tuple(model_aliases)
+    app[WAIT_KEY] = float(request_wait)
     # Before the guard: its middleware counts the requests the guard refuses too.
     metrics.install(app, backend, session=lambda: app[SESSION_KEY])
     security.install(app, security.AccessPolicy.of(console_token, allowed_hosts, api_key))

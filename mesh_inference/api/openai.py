@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from mesh_inference.api import continuity
 from mesh_inference.core.messages import TaskHead
 from mesh_inference.net.proxy import (
     MAX_BODY,
@@ -517,12 +518,15 @@ async def serve_openai(
     body: bytes,
     *,
     aliases: Sequence[str] = (),
+    wait: float = continuity.WAIT,
 ) -> ProxiedResponse:
     """Serve one OpenAI API request: to the engine, to the host, or an error.
 
     ``path`` may carry a query string (ignored). Only the routes in
     ``_ROUTES`` exist; anything else is a 404, a wrong method a 405.
     ``aliases``: other names accepted for the served model (``--model-alias``).
+    ``wait``: how long a request from an HTTP client rides out a mesh that does not
+    serve (see :mod:`mesh_inference.api.continuity`); peers' requests never wait here.
     """
     route = path.split("?", 1)[0]
     known = _ROUTES.get(route)
@@ -551,7 +555,15 @@ async def serve_openai(
     onward = check_model(checked, body, backend.served_model(), aliases)
     if isinstance(onward, ProxiedResponse):
         return onward
-    return await engine_input_error(await _completion(backend, session, route, pairs, onward))
+
+    async def attempt(raw: bytes) -> ProxiedResponse:
+        return await engine_input_error(await _completion(backend, session, route, pairs, raw))
+
+    if dict(pairs).get(HOPS, "0") != "0":
+        # From a peer: the node that received the request waits, retries and continues.
+        return await attempt(onward)
+    request = json.loads(onward)
+    return await continuity.complete_with_retries(attempt, kind, request, wait=wait)
 
 
 def make_task_handler(

@@ -105,6 +105,15 @@ def _parse_port(value: int, flag: str) -> int:
     "listed by /v1/models. Any other name gets 404 model_not_found.",
 )
 @click.option(
+    "--request-wait",
+    type=click.FloatRange(0, 600),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long an API request waits for the mesh to serve again (no host yet, engine "
+    "relaunching, a node died mid-answer) before it fails; a broken stream is continued.",
+)
+@click.option(
     "--http-port",
     default=DEFAULT_PORT,
     show_default=True,
@@ -269,6 +278,7 @@ def _run_node(**opts: Any) -> None:
         api_key=api_key,
         insecure_public=opts["insecure_public"],
         model_aliases=aliases,
+        request_wait=opts["request_wait"],
     )
 
     if config.model_ref is not None:
