@@ -36,11 +36,17 @@ class Engine:
     def __init__(self) -> None:
         self.plan: list[tuple[str, int]] = []  # ("die", after n tokens) | ("503", 0)
         self.requests: list[dict[str, Any]] = []
+        self.templated: list[Any] = []  # /apply-template calls: the start of a cache replay
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/apply-template", self.apply_template)
         return app
+
+    async def apply_template(self, request: web.Request) -> web.Response:
+        self.templated.append((await request.json())["messages"])
+        return web.json_response({"error": "no tokenizer here"}, status=501)  # replay skipped
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -151,6 +157,19 @@ async def test_a_stream_whose_engine_dies_twice_completes_as_one(
     assert second["messages"][-1] == {"role": "assistant", "content": "".join(WORDS[:7])}
     assert second["max_tokens"] == 23
     assert last["messages"][-1]["content"] == "".join(WORDS[:12]) and last["max_tokens"] == 18
+    # Every continuation attempt asked the engine's host to rebuild the cache first.
+    assert engine.templated == [ASK["messages"]] * (len(engine.requests) - 1)
+
+
+async def test_a_client_cannot_ask_for_a_cache_replay(mesh: dict[str, Any]) -> None:
+    engine: Engine = mesh["engine"]
+    body = {**ASK, "messages": [*ASK["messages"], {"role": "assistant", "content": " w0"}]}
+    for where in ("host", "worker"):
+        async with aiohttp.ClientSession() as s, s.post(
+            f"{mesh[where]}/v1/chat/completions", json=body, headers={"x-mesh-replay": "1"}
+        ) as r:
+            assert r.status == 200
+    assert engine.templated == []  # the header is the nodes' own, dropped at the edge
 
 
 async def test_a_stream_ends_with_an_error_when_the_mesh_does_not_come_back(

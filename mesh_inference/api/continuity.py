@@ -45,7 +45,9 @@ KEEPALIVE = b": mesh-inference: waiting for the mesh to serve again\n\n"
 TRANSIENT = frozenset({502, 503, 504})
 BROKEN = (ProxyError, aiohttp.ClientError, ConnectionError, TimeoutError, OSError)
 
-Attempt = Callable[[bytes], Awaitable[ProxiedResponse]]
+# attempt(body, continuation): send one request; ``continuation`` marks a request that
+# continues a broken answer (the engine's host rebuilds its cache first: api/replay.py).
+Attempt = Callable[[bytes, bool], Awaitable[ProxiedResponse]]
 
 
 async def _close(resp: ProxiedResponse) -> None:
@@ -75,10 +77,10 @@ def _is_sse(resp: ProxiedResponse) -> bool:
     return any(k == "content-type" and v.startswith("text/event-stream") for k, v in resp.headers)
 
 
-async def _try(attempt: Attempt, body: bytes) -> ProxiedResponse | None:
+async def _try(attempt: Attempt, body: bytes, continuation: bool = False) -> ProxiedResponse | None:
     """One attempt; None if the mesh does not serve right now (worth retrying)."""
     try:
-        resp = await attempt(body)
+        resp = await attempt(body, continuation)
     except BROKEN as exc:
         log.info("request attempt failed: %s", exc)
         return None
@@ -122,7 +124,7 @@ async def complete_with_retries(
         if loop.time() >= deadline:
             # One last try, answered as it comes: the client sees why the mesh cannot serve.
             try:
-                return await attempt(body)
+                return await attempt(body, False)
             except BROKEN as exc:
                 return _unavailable(f"the mesh cannot serve this request: {exc}")
         await asyncio.sleep(retry_every)
@@ -161,6 +163,7 @@ async def _continued(
             return
         log.warning("stream broke after %d tokens (%s); continuing it", journal.tokens, reason)
         body = json.dumps(request).encode()
+        replay = bool(journal.text)  # something to rebuild in the engine's cache
         deadline = loop.time() + wait
         while current is None:
             yield KEEPALIVE
@@ -170,7 +173,7 @@ async def _continued(
                     f"within {wait:.0f} s"
                 )
                 return
-            candidate = await _try(attempt, body)
+            candidate = await _try(attempt, body, replay)
             if candidate is None:
                 await asyncio.sleep(retry_every)
             elif candidate.status != 200 or not _is_sse(candidate):

@@ -18,6 +18,7 @@ the engine or the network.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from mesh_inference.api import continuity
+from mesh_inference.api import continuity, replay
 from mesh_inference.core.messages import TaskHead
 from mesh_inference.net.proxy import (
     MAX_BODY,
@@ -478,6 +479,9 @@ async def _completion(
                 "service_unavailable",
                 "engine_not_ready",
             )
+        if replay.HEADER in dict(headers):
+            with contextlib.suppress(ValueError):
+                await replay.replay_into_cache(session, url, json.loads(raw))
         try:
             return await call_engine(session, url, "POST", path, headers, raw)
         except aiohttp.ClientError as exc:
@@ -556,12 +560,15 @@ async def serve_openai(
     if isinstance(onward, ProxiedResponse):
         return onward
 
-    async def attempt(raw: bytes) -> ProxiedResponse:
-        return await engine_input_error(await _completion(backend, session, route, pairs, raw))
+    async def attempt(raw: bytes, continuation: bool = False) -> ProxiedResponse:
+        hdrs = (*pairs, (replay.HEADER, "1")) if continuation else pairs
+        return await engine_input_error(await _completion(backend, session, route, hdrs, raw))
 
     if dict(pairs).get(HOPS, "0") != "0":
         # From a peer: the node that received the request waits, retries and continues.
         return await attempt(onward)
+    # Only nodes mark continuations (the replay costs the host a decode per token).
+    pairs = tuple(h for h in pairs if h[0] != replay.HEADER)
     request = json.loads(onward)
     return await continuity.complete_with_retries(attempt, kind, request, wait=wait)
 

@@ -33,7 +33,8 @@ BODY_CHUNK = 64 << 10
 MAX_BODY = 8 << 20
 READ = 64 << 10
 FORWARDED_HEADERS = frozenset(
-    {"content-type", "accept", "authorization", "x-request-id", "cache-control", "x-mesh-hops"}
+    {"content-type", "accept", "authorization", "x-request-id", "cache-control", "x-mesh-hops",
+     "x-mesh-replay"}
 )
 
 
