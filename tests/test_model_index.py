@@ -76,3 +76,36 @@ def test_the_header_parse_of_the_metadata_serves_the_index(tmp_path: Path) -> No
     meta = read_gguf_metadata(path)
     assert [name for name, _off, _n in meta.tensors] == ["token_embd.weight"]
     assert build_index(path, meta.tensors) == build_index(path)
+
+
+def _mapped_rss(path: Path) -> int:
+    """This process's resident bytes of ``path``'s mappings (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split(" ", 1)[0]:  # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_idle_pages_of_the_mapped_model_leave_the_process(tmp_path: Path) -> None:
+    path = tmp_path / "big.gguf"
+    tiny_gguf(path)
+    with open(path, "ab") as fh:  # 8 MiB more, so there is something to be resident
+        fh.write(os.urandom(8 << 20))
+    index = build_index(path)
+    weights = MappedWeights(path, index)
+    try:
+        assert not weights.release_idle_pages()  # nothing read yet
+        view = weights.read(0, index.size)
+        assert sum(view[::4096]) >= 0  # touch every page, as an expansion does
+        view.release()
+        assert _mapped_rss(path) >= 8 << 20
+        assert not weights.release_idle_pages()  # read since the last look: busy
+        assert weights.release_idle_pages()  # idle for one period: released
+        assert _mapped_rss(path) < 1 << 20
+        assert not weights.release_idle_pages()  # nothing more to release
+        assert bytes(weights.read(0, 4)) == b"GGUF"  # and it reads on as before
+    finally:
+        weights.close()

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from mesh_inference.core.rpc import TensorRegion
 from mesh_inference.machine.state import write_private_file
+from mesh_inference.models.ggufheader import GgufError, read_header
 from mesh_inference.models.refs import ModelError
 
 INDEX_VERSION = 1
@@ -48,14 +49,10 @@ class ModelIndex:
 
 
 def _regions_of(path: Path) -> list[tuple[str, int, int]]:
-    import gguf  # slow to import; only needed here
-
     try:
-        reader = gguf.GGUFReader(str(path))
-        regions = [(str(t.name), int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
-    except (ValueError, OSError, IndexError, KeyError) as exc:
+        return list(read_header(path).tensors)
+    except (GgufError, OSError) as exc:
         raise ModelError(f"{path}: cannot read its tensors: {exc}") from None
-    return regions
 
 
 Regions = Sequence[tuple[str, int, int]]
@@ -153,6 +150,24 @@ class MappedWeights:
         finally:
             os.close(fd)
         self._view = memoryview(self._mmap)
+        self._reads = 0  # read() calls so far
+        self._reads_seen = 0  # ... at the last release_idle_pages()
+        self._resident = False  # pages may be mapped in since the last release
+
+    def release_idle_pages(self) -> bool:
+        """Unmap the file's pages from this process if nothing read them since the last call.
+
+        A load maps in the tensors it compares or expands (tens of MB to GBs of RSS);
+        they stay in the page cache, shared, and come back on the next access. True if
+        pages were released.
+        """
+        busy = self._reads != self._reads_seen
+        self._reads_seen = self._reads
+        if busy or not self._resident or self._mmap.closed:
+            return False
+        self._mmap.madvise(mmap.MADV_DONTNEED)
+        self._resident = False
+        return True
 
     def region_named(self, name: str) -> TensorRegion | None:
         return self._by_name.get(name)
@@ -163,6 +178,8 @@ class MappedWeights:
     def read(self, file_offset: int, nbytes: int) -> memoryview:
         if file_offset < 0 or nbytes < 0 or file_offset + nbytes > self.index.size:
             raise ValueError(f"region {file_offset}+{nbytes} is outside {self.path}")
+        self._reads += 1
+        self._resident = True
         return self._view[file_offset : file_offset + nbytes]
 
     def close(self) -> None:

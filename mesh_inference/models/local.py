@@ -38,6 +38,8 @@ from mesh_inference.models.refs import (
 
 log = logging.getLogger(__name__)
 
+TRIM_EVERY = 2.0  # seconds without reads of the mapped model before its pages are released
+
 
 class LocalModel:
     def __init__(self, models_dir: Path, index_dir: Path, on_change: Callable[[], None]) -> None:
@@ -50,6 +52,7 @@ class LocalModel:
         self.resolved: ResolvedModel | None = None
         self.layers: int | None = None
         self._reads: set[asyncio.Task[None]] = set()
+        self._trimmer: asyncio.Task[None] | None = None
 
     @property
     def path(self) -> Path | None:
@@ -123,9 +126,19 @@ class LocalModel:
             weights.close()
             return
         self.weights = weights
+        if self._trimmer is None:
+            self._trimmer = asyncio.ensure_future(self._trim_pages())
         log.info("model %s indexed: sha256 %s, %d tensors", resolved.ref, index.sha256[:16],
                  len(index.regions))  # fmt: skip
         self._on_change()
+
+    async def _trim_pages(self) -> None:
+        # Loads touch the mapped model (the host compares, a worker expands); once a
+        # load is over, its pages leave this process's RSS (they stay in the page cache).
+        while True:
+            await asyncio.sleep(TRIM_EVERY)
+            if self.weights is not None and self.weights.release_idle_pages():
+                log.debug("released the mapped model's idle pages")
 
     def _drop_weights(self) -> None:
         if self.weights is not None:
@@ -137,6 +150,10 @@ class LocalModel:
             await asyncio.gather(*list(self._reads), return_exceptions=True)
 
     async def close(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            await asyncio.gather(self._trimmer, return_exceptions=True)
+            self._trimmer = None
         for task in list(self._reads):
             task.cancel()
         await asyncio.gather(*list(self._reads), return_exceptions=True)

@@ -43,6 +43,7 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Literal, TypeVar
 
 from mesh_inference.core.messages import SHA256_HEX
+from mesh_inference.models.ggufheader import FILE_TYPES, GgufError, read_header
 
 GGUF_MAGIC = b"GGUF"
 MAX_REF_LENGTH = 1024
@@ -424,18 +425,12 @@ def local_copy_path(ref: str, models_dir: Path) -> Path:
 def _quant_name(file_type: int | None) -> str | None:
     if file_type is None:
         return None
-    from gguf import LlamaFileType
-
-    try:
-        return LlamaFileType(file_type).name.removeprefix("MOSTLY_")
-    except ValueError:
-        return None
+    name = FILE_TYPES.get(file_type)
+    return None if name is None else name.removeprefix("MOSTLY_")
 
 
 def read_gguf_metadata(path: Path) -> GgufInfo:
     """What the planner needs from a GGUF (the first part of a split model)."""
-    from gguf import GGUFReader
-
     path = _first_part(path)
     check_gguf(path)
     parts = split_parts(path)
@@ -443,18 +438,12 @@ def read_gguf_metadata(path: Path) -> GgufInfo:
     for p in parts[1:]:
         check_gguf(p)
     try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # gguf raises many kinds on corrupt input
-        raise ModelError(f"{path} is not a readable GGUF: {exc or type(exc).__name__}") from None
+        header = read_header(path)
+    except (GgufError, OSError) as exc:
+        raise ModelError(f"{path} is not a readable GGUF: {exc}") from None
 
     def field(key: str) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        try:
-            return f.contents()
-        except Exception:
-            return None
+        return header.fields.get(key)
 
     arch = field("general.architecture")
     if not isinstance(arch, str) or not arch:
@@ -468,10 +457,7 @@ def read_gguf_metadata(path: Path) -> GgufInfo:
             f"{path.name} says it is part of a {count}-part split model, "
             f"but its name says {len(parts)}"
         )
-    try:
-        tensors = tuple((str(t.name), int(t.data_offset), int(t.n_bytes)) for t in reader.tensors)
-    except Exception as exc:  # as above: corrupt tensor infos raise many kinds
-        raise ModelError(f"{path}: cannot read its tensors: {exc}") from None
+    tensors = header.tensors
     ctx = field(f"{arch}.context_length")
     ft = field("general.file_type")
     name = field("general.name")
