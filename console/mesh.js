@@ -14,13 +14,21 @@ function fetchLine(f, names) {
   return [el("dt", {}, "model file"), el("dd", { title: f.error || null }, text)];
 }
 
+// The host leaves a peer that keeps failing out of its plan for a while (core/quarantine.py).
+function quarantineLine(q) {
+  if (!q) return null;
+  const until = new Date(q.until * 1000).toLocaleTimeString();
+  return [el("dt", {}, "quarantine"), el("dd", { class: "quarantine", title: q.reason }, `until ${until}: ${q.reason}`)];
+}
+
 function card(node, you, engineState, fetch) {
   const dead = node.status === "dead" || node.status === "left";
   const share = node.share;
   return el("article", { class: `card ${node.role === "host" ? "host" : ""} ${dead ? "dead" : ""}`, "data-node": node.id },
     el("h3", {}, el("span", { class: "name" }, node.name || node.id.slice(0, 8)),
       el("span", { class: `badge ${node.role}` }, node.role === "host" ? "★ host" : node.role),
-      you ? el("span", { class: "badge you" }, "this node") : null),
+      you ? el("span", { class: "badge you" }, "this node") : null,
+      node.quarantine ? el("span", { class: "badge quarantined", title: node.quarantine.reason }, "quarantined") : null),
     el("div", { class: "id" }, node.id),
     el("dl", { class: "kv" },
       el("dt", {}, "memory"), el("dd", {}, fmtBytes(node.memory_bytes)),
@@ -28,6 +36,7 @@ function card(node, you, engineState, fetch) {
       el("dt", {}, "link RTT"), el("dd", {}, you ? "–" : node.rtt_ms === null || node.rtt_ms === undefined ? "–" : `${node.rtt_ms.toFixed(1)} ms`),
       el("dt", {}, "status"), el("dd", {}, you ? "alive" : node.status || "–"),
       node.role === "host" ? [el("dt", {}, "engine"), el("dd", {}, engineState)] : null,
+      quarantineLine(node.quarantine),
       fetch),
     el("div", { class: "share", title: "share of the model's layers" },
       el("div", { style: `width:${Math.round((share || 0) * 100)}%` })));

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from aiohttp import web
 
 from mesh_inference import __version__
 from mesh_inference.api.console import add_model_routes
+from mesh_inference.api.drain import Drain, shutting_down
 from mesh_inference.api.events import EventBus
 from mesh_inference.api.gateway import NoHostError, create_app
 from mesh_inference.api.metrics import NodeCounters
@@ -57,10 +59,18 @@ from mesh_inference.core.membership import (
     PeerDied,
     PeerDiscovered,
     PeerLeft,
+    first_incarnation,
 )
 from mesh_inference.core.meshmodel import PlanResult, choose_model, host_of, plan_for
-from mesh_inference.core.messages import NodeInfo, OpenTunnel, decode_payload, encode_payload
+from mesh_inference.core.messages import (
+    NodeInfo,
+    OpenTunnel,
+    TaskHead,
+    decode_payload,
+    encode_payload,
+)
 from mesh_inference.core.plan import Plan, WaitingForCapacity
+from mesh_inference.core.quarantine import Quarantine, QuarantinePolicy
 from mesh_inference.engine.backends import EngineBackend, EngineUnavailable, find_backend
 from mesh_inference.engine.host import HostController
 from mesh_inference.engine.weights import PASS_THROUGH, host_transforms, worker_transforms
@@ -70,6 +80,7 @@ from mesh_inference.machine.state import (
     load_or_create_console_token,
     load_or_create_identity,
     load_or_create_mesh,
+    next_boot,
     write_private_file,
 )
 from mesh_inference.models.local import LocalModel
@@ -87,7 +98,7 @@ from mesh_inference.net.dialer import Dialer
 from mesh_inference.net.discovery import Discovery
 from mesh_inference.net.endpoint import MeshEndpoint, PeerConnection
 from mesh_inference.net.gossip import MembershipDriver
-from mesh_inference.net.proxy import serve_task
+from mesh_inference.net.proxy import ProxiedResponse, serve_task
 from mesh_inference.net.tunnel import TransformFactory
 
 log = logging.getLogger(__name__)
@@ -126,6 +137,10 @@ class NodeConfig:
     # --request-wait: how long an API request rides out a mesh that does not serve
     # (no host, engine relaunching, a dead upstream mid-stream) before it fails.
     request_wait: float = 30.0
+    # Graceful leave: how long stop() lets API requests in flight finish (new ones get 503).
+    drain_timeout: float = 10.0
+    # Workers that keep failing stay out of this node's plans while it hosts (core/quarantine.py).
+    quarantine: QuarantinePolicy = field(default_factory=QuarantinePolicy)
 
 
 class DiscoveryLike(Protocol):
@@ -172,6 +187,10 @@ class Node:
         self._planned: tuple[PlanResult | None, str | None, Path | None] | None = None
         self._plan_changes = 0  # for /metrics
         self._ticker: asyncio.Task[None] | None = None
+        self._drain = Drain()
+        self._quarantine = Quarantine(config.quarantine)
+        self._quarantine_timer: asyncio.TimerHandle | None = None
+        self._stop_started = False
         self._stopping = False
         self._closed = asyncio.Event()
 
@@ -220,7 +239,9 @@ class Node:
             mesh.mesh_id, mesh.secret, tuple(f"{h}:{self.quic_port}" for h in advertise)
         )
         write_private_file(cfg.state_dir / "join-token", (self.join_token.encode() + "\n").encode())
-        membership = Membership(self._local_info(), self._loop.time(), cfg.timers)
+        # Each start counts a boot: this life's incarnation supersedes the earlier ones.
+        membership = Membership(self._local_info(), self._loop.time(), cfg.timers,
+                                incarnation=first_incarnation(next_boot(cfg.state_dir)))
         self._members = MembershipDriver(
             membership,
             send=self._endpoint.send_control,
@@ -244,9 +265,12 @@ class Node:
             api_key=cfg.api_key,
             model_aliases=cfg.model_aliases,
             request_wait=cfg.request_wait,
+            drain=self._drain,
         )
         add_model_routes(app, self)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        # stop() drains the API requests itself; what is left then (event streams) ends quickly.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.http_host, cfg.http_port)
         await site.start()
@@ -269,6 +293,7 @@ class Node:
                 threads=threads,
                 on_state=lambda _s, _d: self._local_changed(),
                 transforms_for=self._host_transforms,
+                on_worker_failure=self._peer_failed,
             )
             await self._worker.start()
             if not cfg.client and not cfg.no_model_copy:
@@ -307,9 +332,36 @@ class Node:
         return [*local_addresses(), "127.0.0.1"] if host in ("0.0.0.0", "") else [host]
 
     async def stop(self) -> None:
-        if self._stopping:
+        """Leave gracefully: drain the API, say Goodbye, stop the engine children, close.
+
+        New API requests get a 503 from the moment this is called; those in flight
+        get up to ``drain_timeout`` seconds (or until :meth:`skip_drain`) while the
+        node still serves the mesh as before; then the peers hear Goodbye (they drop
+        this node at once, no dead timeout) and the engines are stopped.
+        """
+        if self._stop_started:
+            await self._closed.wait()
             return
+        self._stop_started = True
+        try:
+            await self._leave()
+        finally:
+            self._closed.set()
+
+    def skip_drain(self) -> None:
+        """Stop waiting for API requests in flight (a second Ctrl-C)."""
+        self._drain.skip()
+
+    async def _leave(self) -> None:
+        self._drain.close()
+        if self._drain.active:
+            log.info("draining %d API request(s), at most %.0f s", self._drain.active,
+                     self.config.drain_timeout)  # fmt: skip
+            if not await self._drain.wait_idle(self.config.drain_timeout):
+                log.warning("stopping with %d API request(s) still running", self._drain.active)
         self._stopping = True
+        if self._quarantine_timer is not None:
+            self._quarantine_timer.cancel()
         if self._members is not None:
             await self._members.leave()
             await self._members.stop()
@@ -335,7 +387,6 @@ class Node:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
-        self._closed.set()
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -377,6 +428,8 @@ class Node:
 
     def _on_peer_lost(self, peer_id: str, reason: str) -> None:
         log.info("peer %s lost: %s", peer_id, reason)
+        if reason.startswith("protocol error"):  # a bad frame, here or in the gossip driver
+            self._peer_failed(peer_id, f"its connection broke the protocol: {reason}")
         if self._members is not None:
             self._members.peer_lost(peer_id, reason)
 
@@ -407,6 +460,69 @@ class Node:
                 return rec.info.addrs
         return ()
 
+    # ------------------------------------------------------------------ quarantine
+    def _peer_failed(self, peer_id: str, reason: str) -> None:
+        """Something went wrong with a peer (engine/host.py, the endpoint): count it."""
+        if self._loop is None or self._stopping or peer_id == self.node_id:
+            return
+        if self._record_failure(peer_id, reason, self._loop.time()):
+            self._replan()
+
+    def _record_failure(self, peer_id: str, reason: str, now: float) -> bool:
+        if not self._quarantine.record_failure(peer_id, reason, now):
+            return False
+        entry = self._quarantine.entry(peer_id, now)
+        log.warning("peer %s quarantined for %.0f s: %s", peer_id,
+                    entry.until - now if entry else 0, reason)  # fmt: skip
+        self._arm_quarantine()
+        return True
+
+    def _arm_quarantine(self) -> None:
+        if self._quarantine_timer is not None:
+            self._quarantine_timer.cancel()
+            self._quarantine_timer = None
+        when = self._quarantine.get_timer()
+        if when is not None and self._loop is not None and not self._stopping:
+            self._quarantine_timer = self._loop.call_at(when, self._quarantine_due)
+
+    def _quarantine_due(self) -> None:
+        assert self._loop is not None
+        self._quarantine_timer = None
+        released = self._quarantine.handle_timer(self._loop.time())
+        for peer_id in released:
+            log.info("peer %s leaves quarantine", peer_id)
+        self._arm_quarantine()
+        if released:
+            self._replan()
+
+    def _note_worker_failures(self, members: list[NodeInfo]) -> None:
+        """Workers of the plan this node hosts that went down since it was made."""
+        prev = self._plan
+        if not isinstance(prev, Plan) or prev.host_id != self.node_id or self._loop is None:
+            return
+        assert self._members is not None
+        by_id = {m.node_id: m for m in members}
+        now = self._loop.time()
+        for worker in prev.workers:
+            info = by_id.get(worker)
+            if info is None and self._members.membership.status_of(worker) == "dead":
+                self._record_failure(worker, "it died while serving in the plan", now)
+            elif info is not None and not info.rpc_ready:
+                self._record_failure(worker, "its rpc-server went down while serving in the plan",
+                                     now)  # fmt: skip
+
+    def _quarantine_json(self, now: float) -> dict[str, dict[str, Any]]:
+        """``peers[].quarantine`` of the status: why, and until when (Unix time)."""
+        assert self._members is not None
+        out: dict[str, dict[str, Any]] = {}
+        wall = time.time()
+        for rec in self._members.membership.records():
+            entry = self._quarantine.entry(rec.info.node_id, now)
+            if entry is not None:
+                out[rec.info.node_id] = {"reason": entry.reason,
+                                         "until": round(wall + entry.until - now, 3)}  # fmt: skip
+        return out
+
     # ------------------------------------------------------------------ plan
     def _replan(self) -> None:
         if self._members is None or self._stopping:
@@ -418,7 +534,11 @@ class Node:
             self._model.adopt(choice.epoch, choice.ref)
             self._local_changed()  # announces the adoption, then re-plans
             return
-        plan = plan_for(members, choice)
+        self._note_worker_failures(members)
+        assert self._loop is not None
+        # Only the host makes the split, so only its own quarantine counts (DESIGN.md).
+        plan = plan_for(members, choice, planner=self.node_id,
+                        left_out=self._quarantine.quarantined(self._loop.time()))  # fmt: skip
         if self._fetcher is not None:
             self._fetcher.want(self._model.ref, self._fetch_target(members, plan))
         planned = (plan, self._model.ref, self._model.path)
@@ -511,8 +631,13 @@ class Node:
             await self._worker.serve_tunnel(peer_id, msg, reader, writer)
         elif first.type == MessageType.TASK and self._session is not None:
             # A peer reaches the OpenAI routes only, served here directly.
-            handler = make_task_handler(self, self._session, self.config.model_aliases)
-            await serve_task(reader, writer, handler, first=first)
+            handler = (
+                _refuse_task  # leaving: the peer retries elsewhere (api/continuity.py)
+                if self._drain.closing
+                else make_task_handler(self, self._session, self.config.model_aliases)
+            )
+            with self._drain.track():
+                await serve_task(reader, writer, handler, first=first)
         elif first.type == MessageType.FETCH_MODEL:
             await self._files.serve(peer_id, first, writer)
         else:
@@ -573,6 +698,7 @@ class Node:
                 model_fetch=self._fetcher.status.as_json()
                 if self._fetcher is not None and self._fetcher.status is not None
                 else None,
+                quarantine=self._quarantine_json(self._loop.time()),
             )
         )
 
@@ -621,6 +747,10 @@ class Node:
         self._model.adopt(epoch, ref, resolved, meta)
         self._local_changed()
         self.publish("model", {"ref": ref, "epoch": epoch})
+
+
+async def _refuse_task(_head: TaskHead, _body: bytes) -> ProxiedResponse:
+    return shutting_down()
 
 
 def _bound_port(runner: web.AppRunner) -> int:

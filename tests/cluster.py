@@ -11,7 +11,16 @@ Faults: ``kill`` (a silent crash: peers are not told, they must notice
 the silence), ``pause`` (a stopped process: messages to it queue up and are
 delivered when it resumes), ``partition`` (traffic between two nodes is
 lost while their connection stays up), ``disconnect`` (the transport
-reports the connection closed on both sides), ``leave`` (Goodbye).
+reports the connection closed on both sides), ``leave`` (Goodbye),
+``restart`` (a killed node starts again under its id, one boot later), and
+``inject`` (a hand-made message on a link, e.g. a stale record).
+
+With ``auto_dial`` the nodes dial like ``net.dialer.Dialer`` driven by
+``node.py``: a discovered node at once, a peer declared dead again and again
+(0.5 s, doubling to 5 s, for 10 minutes) until it is back or has left. With
+``close_dead`` a node also closes the connection of a peer it declared dead,
+as ``node.py`` does (without it, a dead peer's connection stays up, waiting
+for the peer to speak again).
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ from mesh_inference.core.membership import (
     Membership,
     MembershipEvent,
     MembershipTimers,
+    PeerDied,
     PeerDiscovered,
+    first_incarnation,
 )
 from mesh_inference.core.messages import (
     Goodbye,
@@ -42,6 +53,11 @@ from mesh_inference.core.messages import (
 )
 
 E = TypeVar("E")
+
+# net/dialer.py's schedule for a peer declared dead.
+REDIAL_FIRST = 0.5
+REDIAL_MAX = 5.0
+REDIAL_GIVE_UP = 600.0
 
 
 def node_id_for(name: str) -> str:
@@ -104,7 +120,9 @@ class Cluster:
         auto_dial: bool = True,
         start: float = 1000.0,
         connect_with_info: bool = False,
+        close_dead: bool = False,
     ) -> None:
+        self.close_dead = close_dead
         self.timers = timers or MembershipTimers()
         self.latency = latency
         self.auto_dial = auto_dial
@@ -116,6 +134,7 @@ class Cluster:
         self._partitions: set[frozenset[str]] = set()
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
+        self._boots: dict[str, int] = {}
         self.frames_sent = 0
 
     # ------------------------------------------------------------ set-up
@@ -127,14 +146,22 @@ class Cluster:
         node = SimNode(name, Membership(info, self.now, self.timers))
         self.nodes[name] = node
         self._by_id[info.node_id] = name
+        self._boots[name] = 0
         return node
 
-    def restart(self, name: str, info: NodeInfo | None = None) -> SimNode:
-        """A crashed node starts again: a new core (incarnation 0), same node id."""
+    def restart(
+        self, name: str, info: NodeInfo | None = None, *, boot: int | None = None
+    ) -> SimNode:
+        """A crashed node starts again: a new core, same node id, the next boot's incarnation.
+
+        ``boot=0`` models a node that lost its boot count (it starts at incarnation 0).
+        """
         old = self.nodes[name]
         self.kill(name)
-        node = SimNode(name, Membership(info or old.core.local, self.now, self.timers))
-        node.events = []
+        self._boots[name] = self._boots[name] + 1 if boot is None else boot
+        core = Membership(info or old.core.local, self.now, self.timers,
+                          incarnation=first_incarnation(self._boots[name]))  # fmt: skip
+        node = SimNode(name, core)
         self.nodes[name] = node
         return node
 
@@ -199,6 +226,10 @@ class Cluster:
         self.nodes[name].core.leave(self.now)
         self._pump(name)
 
+    def inject(self, src: str, dst: str, msg: Heartbeat | Gossip | Goodbye) -> None:
+        """``src`` sends ``msg`` to ``dst`` on their link (as any frame: real codec, latency)."""
+        self._send(src, dst, msg)
+
     def update_local(self, name: str, info: NodeInfo) -> None:
         self.nodes[name].core.update_local(info, self.now)
         self._pump(name)
@@ -261,6 +292,15 @@ class Cluster:
                 target = self._by_id.get(event.info.node_id)
                 if target is not None:
                     self._at(self.now + self.latency, functools.partial(self._dial, name, target))
+            elif isinstance(event, PeerDied):
+                target = self._by_id.get(event.node_id)
+                if target is not None and self.close_dead:
+                    self._at(self.now, functools.partial(self._close_dead, name, target))
+                if target is not None and self.auto_dial:
+                    retry = functools.partial(
+                        self._redial, node, target, REDIAL_FIRST, self.now + REDIAL_GIVE_UP
+                    )
+                    self._at(self.now + REDIAL_FIRST, retry)
         for out in node.core.pop_outgoing():
             self._send(name, self.name_of(out.peer_id), out.message)
 
@@ -270,6 +310,31 @@ class Cluster:
         if frozenset((a, b)) in self._partitions:
             return
         self.connect(a, b)
+
+    def _close_dead(self, name: str, target: str) -> None:
+        """``name`` closes its connection to a peer it declared dead (node.py does)."""
+        if self.connected(name, target):
+            self.disconnect(name, target, "declared dead")
+        elif self.nodes[name].state == "running":
+            # The link already went with a killed peer; our transport closes its end.
+            self.nodes[name].core.handle_disconnected(self.id(target), self.now, "declared dead")
+            self._pump(name)
+
+    def _redial(self, node: SimNode, target: str, delay: float, give_up: float) -> None:
+        """The dialer of ``node`` knocks on a peer it declared dead (node.py → Dialer.peer_died)."""
+        if self.nodes[node.name] is not node or node.state == "killed" or self.now > give_up:
+            return  # that life of the dialing node is over, or it gave up
+        if self.connected(node.name, target):
+            return
+        if node.core.status_of(self.id(target)) == "left":
+            return
+        peer = self.nodes[target]
+        reachable = frozenset((node.name, target)) not in self._partitions
+        if peer.state == "running" and node.state == "running" and reachable:
+            self.connect(node.name, target)
+            return
+        delay = min(delay * 2, REDIAL_MAX)
+        self._at(self.now + delay, functools.partial(self._redial, node, target, delay, give_up))
 
     def _send(self, src: str, dst: str, msg: Heartbeat | Gossip | Goodbye) -> None:
         link = self._links.get(frozenset((src, dst)))

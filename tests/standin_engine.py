@@ -11,6 +11,13 @@ unreachable), then answers ``GET /health``, ``GET /metrics`` (a few
 /v1/chat/completions`` with its own command line in the reply. Standard
 library only, so it starts in a few tens of milliseconds; the in-process
 node tests (test_node_inprocess.py) run it as their engine.
+
+``rpc-server``/``llama-server`` take llama.cpp's own flags instead (``-H -p
+-t -c`` and ``-m --rpc -ngl -ts --host --port -c -t --alias --metrics``), so
+a ``--llama-bin`` directory of two one-line scripts makes a real CLI node run
+the stand-in (test_graceful_leave.py). A request with ``"stream": true``
+is answered as OpenAI SSE chunks, ``max_tokens`` of them (16 by default),
+``$STANDIN_TOKEN_DELAY_S`` seconds apart: a request that stays in flight.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -49,6 +57,24 @@ async def _greet(endpoint: str) -> None:
     writer.close()
 
 
+async def _stream(writer: asyncio.StreamWriter, alias: str, n: int) -> None:
+    """``n`` SSE chunks of one token each, then ``[DONE]`` (as llama-server streams)."""
+    delay = float(os.environ.get("STANDIN_TOKEN_DELAY_S", "0"))
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                 b"cache-control: no-cache\r\nconnection: close\r\n\r\n")
+    for i in range(n):
+        chunk = {"object": "chat.completion.chunk", "model": alias, "choices": [
+            {"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+        writer.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await writer.drain()
+        await asyncio.sleep(delay)
+    end = {"object": "chat.completion.chunk", "model": alias,
+           "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    writer.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
+    await writer.drain()
+    writer.close()
+
+
 async def _serve_http(args: argparse.Namespace) -> None:
     info = {"rpc": args.rpc.split(","), "split": [float(s) for s in args.split.split(",")],
             "alias": args.alias, "model": args.model}  # fmt: skip
@@ -62,8 +88,11 @@ async def _serve_http(args: argparse.Namespace) -> None:
         for line in head.split(b"\r\n")[1:]:
             if line.lower().startswith(b"content-length:"):
                 length = int(line.split(b":", 1)[1])
-        if length:
-            await reader.readexactly(length)
+        request = json.loads(await reader.readexactly(length)) if length else {}
+        if isinstance(request, dict) and request.get("stream") is True:
+            served += 1
+            await _stream(writer, args.alias, int(request.get("max_tokens") or 16))
+            return
         ctype = b"application/json"
         if request_line.startswith("GET /health"):
             body = b'{"status":"ok"}'
@@ -93,7 +122,32 @@ async def _serve_http(args: argparse.Namespace) -> None:
         await server.serve_forever()
 
 
+def _llama_cpp_flags(kind: str, argv: Sequence[str]) -> list[str]:
+    """llama.cpp's own flags (as engine/backends.py BinaryBackend passes them) → ours."""
+    p = argparse.ArgumentParser(prog=kind)
+    p.add_argument("-p", "--port", type=int, required=True)
+    p.add_argument("-t", "--threads", type=int)
+    if kind == "rpc-server":
+        p.add_argument("-H", "--host")
+        p.add_argument("-c", "--cache", action="store_true")
+        a = p.parse_args(argv)
+        return ["rpc", "--port", str(a.port)]
+    p.add_argument("-m", "--model", default="")
+    p.add_argument("--rpc", default="")
+    p.add_argument("-ngl", "--n-gpu-layers")
+    p.add_argument("-ts", "--tensor-split", default="")
+    p.add_argument("--host")
+    p.add_argument("-c", "--ctx-size")
+    p.add_argument("--alias", default="model")
+    p.add_argument("--metrics", action="store_true")
+    a = p.parse_args(argv)
+    return ["server", "--port", str(a.port), "--rpc", a.rpc, "--split", a.tensor_split,
+            "--alias", a.alias, "--model", a.model]  # fmt: skip
+
+
 async def main(argv: Sequence[str]) -> int:
+    if argv and argv[0] in ("rpc-server", "llama-server"):
+        argv = _llama_cpp_flags(argv[0], argv[1:])
     p = argparse.ArgumentParser()
     p.add_argument("kind", choices=["rpc", "server"])
     p.add_argument("--port", type=int, required=True)
@@ -106,12 +160,13 @@ async def main(argv: Sequence[str]) -> int:
         server = await asyncio.start_server(_rpc, "127.0.0.1", args.port)
         async with server:
             await server.serve_forever()
-    try:
-        for endpoint in args.rpc.split(","):
+    for endpoint in args.rpc.split(","):
+        try:
             await _greet(endpoint)
-    except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-        print(f"rpc endpoint failed: {exc}", file=sys.stderr)
-        return 1
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            # as ggml's RPC client: "Failed to connect to 127.0.0.1:PORT", then abort
+            print(f"Failed to connect to {endpoint}: {exc}", file=sys.stderr)
+            return 1
     await _serve_http(args)
     return 0
 

@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mesh_inference.core.membership import (
+    BOOT_SHIFT,
     MAX_PEERS,
     Membership,
     MembershipTimers,
@@ -22,8 +23,9 @@ from mesh_inference.core.membership import (
     PeerRecovered,
     PeerSuspected,
     PeerUpdated,
+    first_incarnation,
 )
-from mesh_inference.core.messages import Goodbye, Gossip, Heartbeat, MemberRecord
+from mesh_inference.core.messages import MAX_INCARNATION, Goodbye, Gossip, Heartbeat, MemberRecord
 
 T = MembershipTimers()
 
@@ -171,14 +173,17 @@ def test_rejoin_after_death_by_silence() -> None:
     assert c.alive_view("c") == {"a", "b", "c"}
 
 
-def test_dropped_connection_is_redialled_through_gossip() -> None:
+def test_dropped_connection_is_redialled() -> None:
     c = three()
     c.disconnect("a", "c")
-    c.run_for(1.5)  # b still gossips c as alive: a learns it should dial c again
+    c.run_for(1.5)  # the dialers of a and c knock again (Dialer.peer_died)
     assert c.connected("a", "c")
     for name in "abc":
         assert c.alive_view(name) == {"a", "b", "c"}
-    assert [type(e) for _, e in c.nodes["a"].events][-3:] == [PeerDied, PeerDiscovered, PeerJoined]
+    # c rejoined by a direct connection; b's gossip never made it a member in between
+    assert [type(e) for _, e in c.nodes["a"].events if not isinstance(e, PeerDiscovered)][-2:] == [
+        PeerDied, PeerJoined,
+    ]
 
 
 def test_rejoin_after_reconnect() -> None:
@@ -441,6 +446,121 @@ def test_left_node_is_not_resurrected_by_stale_gossip() -> None:
     m.handle_gossip(b.node_id, Gossip((MemberRecord(d2, 1, "alive"),)), 0.3)
     assert m.status_of(d.node_id) == "known"
     assert drain(m) == [PeerDiscovered(d2)]
+
+
+def test_dead_node_is_not_resurrected_by_stale_gossip() -> None:
+    a, b, d = make_info("a"), make_info("b"), make_info("d")
+    m = Membership(a, 0.0)
+    m.handle_connected(b, 0.0)
+    m.handle_connected(d, 0.0)
+    m.handle_gossip(d.node_id, Gossip((MemberRecord(d, 7, "alive"),)), 0.0)
+    drain(m)
+    m.handle_heartbeat(b.node_id, Heartbeat(0), T.dead_after - 0.1)
+    m.handle_timer(T.dead_after)  # d fell silent (kill -9): dead by our own observation
+    assert m.status_of(d.node_id) == "dead"
+    assert m.status_of(b.node_id) in ("alive", "suspect")
+    assert [type(e) for e in drain(m) if not isinstance(e, PeerSuspected)] == [PeerDied]
+    m.handle_disconnected(d.node_id, T.dead_after, "declared dead")  # the node closes it
+    assert drain(m) == []
+    # b has not noticed yet and still vouches for that life: not a ghost, at most a dial
+    m.handle_gossip(b.node_id, Gossip((MemberRecord(d, 7, "alive"),)), 2.0)
+    assert m.status_of(d.node_id) == "dead" and drain(m) == [PeerDiscovered(d)]
+    for inc in (0, 7):  # a hint every forget_after, no more
+        m.handle_gossip(b.node_id, Gossip((MemberRecord(d, inc, "alive"),)), 2.5)
+        assert m.status_of(d.node_id) == "dead" and drain(m) == []
+    m.handle_gossip(b.node_id, Gossip((MemberRecord(d, 7, "alive"),)), 2.0 + T.forget_after)
+    assert m.status_of(d.node_id) == "dead" and drain(m) == [PeerDiscovered(d)]
+    assert [r.status for r in m.records() if r.info.node_id == d.node_id] == ["dead"]
+    assert d.node_id not in {i.node_id for i in m.alive_members()}
+    # its next life (a restart counts from a higher boot incarnation) is worth a dial
+    d2 = replace(d, addrs=("127.0.0.1:9999",))
+    m.handle_gossip(b.node_id, Gossip((MemberRecord(d2, first_incarnation(1), "alive"),)), 8.0)
+    assert m.status_of(d.node_id) == "known" and drain(m) == [PeerDiscovered(d2)]
+    assert d.node_id not in {i.node_id for i in m.alive_members()}  # known is not a member
+
+
+def test_first_incarnation_of_each_boot_is_above_every_earlier_life() -> None:
+    assert first_incarnation(0) == 0
+    assert first_incarnation(1) > (1 << BOOT_SHIFT) - 1  # above any bumps of boot 0
+    assert first_incarnation(2) > first_incarnation(1)
+    assert first_incarnation(1 << 40) <= MAX_INCARNATION  # clamped, still valid on the wire
+    with pytest.raises(ValueError):
+        first_incarnation(-1)
+    with pytest.raises(ValueError):
+        Membership(make_info("a"), 0.0, incarnation=-1)
+    m = Membership(make_info("a"), 0.0, incarnation=first_incarnation(3))
+    assert m.incarnation == first_incarnation(3)
+    m.update_local(replace(make_info("a"), name="renamed"), 0.0)
+    assert m.incarnation == first_incarnation(3) + 1
+
+
+def test_a_killed_node_stays_dead_everywhere_while_a_third_node_vouches_for_it() -> None:
+    c = three(close_dead=True)  # as node.py: the dead peer's connection is closed, re-dialled
+    victim = c.nodes["c"].core
+    stale = Gossip((MemberRecord(victim.local, victim.incarnation, "alive"),))
+    t_kill = c.now
+    c.kill("c")
+    # For 10 s, a third party keeps gossiping c's last alive record both ways
+    # (a node that has not noticed yet, or is wrong): kill -9 must leave no ghost.
+    for _ in range(40):
+        c.inject("b", "a", stale)
+        c.inject("a", "b", stale)
+        c.run_for(0.25)
+        if c.now > t_kill + T.dead_after + T.heartbeat_interval:
+            for name in "ab":
+                assert c.nodes[name].core.status_of(c.id("c")) == "dead", (name, c.now)
+                assert c.alive_view(name) == {"a", "b"}
+    for name in "ab":
+        # dial hints at most (the dials fail: c is gone), never a join or a recovery
+        assert [type(e) for t, e in c.nodes[name].events
+                if t > t_kill and not isinstance(e, PeerDiscovered)] == [PeerSuspected, PeerDied]
+        shown = {r.info.node_id: r.status for r in c.nodes[name].core.records()}
+        assert shown[c.id("c")] == "dead"
+
+
+def test_a_long_partition_heals_through_gossip_after_the_dialers_gave_up() -> None:
+    c = three(close_dead=True)
+    c.partition("a", "c")
+    c.run_for(700.0)  # a and c declared each other dead; their dialers gave up after 600 s
+    assert c.alive_view("a") == {"a", "b"} and c.alive_view("c") == {"b", "c"}
+    assert not c.connected("a", "c")
+    c.heal("a", "c")
+    # b still vouches for each to the other: a dial hint, and the direct connection decides
+    c.run_for(T.forget_after + 1.0)
+    for name in "abc":
+        assert c.alive_view(name) == {"a", "b", "c"}
+
+
+def test_a_restarted_node_rejoins_under_its_id_everywhere() -> None:
+    c = three(auto_dial=False, close_dead=True)  # the test dials, so each step is seen
+    old_id, old_inc = c.id("c"), c.nodes["c"].core.incarnation
+    old_record = MemberRecord(c.nodes["c"].core.local, old_inc, "alive")
+    c.kill("c")
+    c.run_for(3.0)
+    assert all(c.nodes[n].core.status_of(old_id) == "dead" for n in "ab")
+    t_restart = c.now
+    node = c.restart("c")  # same key, so same id; one boot later
+    assert node.node_id == old_id and node.core.incarnation > old_inc
+    c.connect("c", "a")  # the join token names a only
+    c.run_for(0.5)
+    # b learnt of the new life from a's gossip: its newer incarnation supersedes the dead
+    # record, so b dials it (the same life would not be news: see the test above)
+    assert [e.info.node_id for t, e in c.events_of("b", PeerDiscovered) if t >= t_restart] == [
+        old_id
+    ]
+    assert c.nodes["b"].core.status_of(old_id) == "known"
+    c.connect("b", "c")
+    c.run_for(1.0)
+    for name in "abc":
+        assert c.alive_view(name) == {"a", "b", "c"}
+    for name in "ab":
+        recs = {r.info.node_id: r for r in c.nodes[name].core.records()}
+        assert recs[old_id].status == "alive" and recs[old_id].incarnation == node.core.incarnation
+    # a straggling record of the old life changes nothing now
+    c.inject("a", "b", Gossip((old_record,)))
+    c.run_for(1.0)
+    assert c.alive_view("b") == {"a", "b", "c"}
+    assert not [e for t, e in c.events_of("b", PeerDied) if t >= t_restart]
 
 
 def test_timer_schedule() -> None:

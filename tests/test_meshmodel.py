@@ -87,3 +87,48 @@ def test_every_node_computes_the_same_plan_from_the_same_members(
     choice = choose_model(members)
     assert choose_model(shuffled) == choice
     assert plan_for(members, choice) == plan_for(shuffled, choice)
+
+
+def test_the_host_leaves_its_quarantined_workers_out_and_everyone_keeps_the_host() -> None:
+    choice = ModelChoice(0, "m")
+    members = [info("a", 4, has_model=True), info("b", 2), info("c", 1),
+               info("d", 8, has_model=True, model_sha256=None)]  # fmt: skip
+    full = plan_for(members, choice)
+    assert isinstance(full, Plan) and (full.host_id, full.workers) == ("a", ("b", "c"))
+    # the host a quarantines b: its plan splits over c and itself only
+    mine = plan_for(members, choice, planner="a", left_out={"b"})
+    assert isinstance(mine, Plan) and (mine.host_id, mine.workers) == ("a", ("c",))
+    assert mine.tensor_split == (0.2, 0.8)
+    # any other node's quarantine changes nothing: only the host makes the split
+    assert plan_for(members, choice, planner="c", left_out={"b"}) == full
+    # the host is never left out, so the election stays the same everywhere
+    assert plan_for(members, choice, planner="a", left_out={"a", "b", "c"}) == Plan(
+        "a", (), (1.0,), GIB // 10
+    )
+
+
+def test_leaving_out_workers_can_leave_the_host_short_of_memory() -> None:
+    choice = ModelChoice(0, "m")
+    members = [info("a", 0.2, has_model=True), info("b", 2)]
+    result = plan_for(members, choice, planner="a", left_out=["b"])
+    assert isinstance(result, WaitingForCapacity) and result.host_id == "a"
+
+
+@given(ids, st.data())
+def test_quarantine_never_changes_the_elected_host(
+    node_ids: list[str], data: st.DataObject
+) -> None:
+    members = [
+        info(n, data.draw(st.integers(0, 16)), has_model=data.draw(st.booleans()))
+        for n in node_ids
+    ]
+    choice = choose_model(members)
+    planner = data.draw(st.sampled_from(node_ids))
+    left_out = data.draw(st.sets(st.sampled_from(node_ids)))
+    mine = plan_for(members, choice, planner=planner, left_out=left_out)
+    full = plan_for(members, choice)
+    assert host_of(mine) == host_of(full)
+    if host_of(full) != planner:
+        assert mine == full
+    elif isinstance(mine, Plan):
+        assert not set(mine.workers) & left_out

@@ -5,7 +5,8 @@ Public API::
     app = create_app(backend, console_dir=…, console_token=…, allowed_hosts=…)
 
 ``/v1/*`` goes to :func:`mesh_inference.api.openai.serve_openai` (the same
-core that serves peers' Task streams). ``/health``, ``/api/status`` and
+core that serves peers' Task streams), counted by a :class:`~mesh_inference.api.drain.Drain`
+so a leaving node finishes them (and answers new ones 503). ``/health``, ``/api/status`` and
 ``/api/events`` are open, with secrets removed unless the request proved
 the console login; the guard in :mod:`mesh_inference.api.security` runs in
 front of every route. ``/metrics`` (Prometheus) and the request counters
@@ -27,6 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from mesh_inference.api import continuity, metrics, security
+from mesh_inference.api.drain import SHUTTING_DOWN, Drain
 from mesh_inference.api.openai import (
     NoHostError,
     OpenAIBackend,
@@ -42,6 +44,7 @@ SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
 BACKEND_KEY: web.AppKey[Any] = web.AppKey("backend")
 ALIASES_KEY = web.AppKey("model_aliases", tuple[str, ...])  # --model-alias names
 WAIT_KEY = web.AppKey("request_wait", float)  # --request-wait
+DRAIN_KEY = web.AppKey("drain", Drain)  # API requests in flight; refuses new ones on stop
 RELAYED_HEADERS = ("content-type", "cache-control", "x-request-id")
 
 __all__ = ["GatewayBackend", "NoHostError", "create_app"]
@@ -60,8 +63,9 @@ async def _relay(request: web.Request, resp: ProxiedResponse) -> web.StreamRespo
     is_sse = out.headers.get("content-type", "").startswith("text/event-stream")
     try:
         await out.prepare(request)
-        async for chunk in resp.body_iter:
-            await out.write(chunk)
+        if request.method != "HEAD":  # a HEAD answer has no body: one would desync the connection
+            async for chunk in resp.body_iter:
+                await out.write(chunk)
     except (TimeoutError, ProxyError, aiohttp.ClientError, ConnectionError) as exc:
         log.warning("response stream broke: %s", exc)
         if is_sse and out.prepared:
@@ -87,6 +91,14 @@ async def _relay(request: web.Request, resp: ProxiedResponse) -> web.StreamRespo
 
 async def openai_route(request: web.Request) -> web.StreamResponse:
     """Every ``/v1`` path: the core decides (404/405 for what does not exist)."""
+    drain = request.app[DRAIN_KEY]
+    if drain.closing:  # the node is leaving: what runs completes, nothing new starts
+        return openai_error(503, SHUTTING_DOWN, "service_unavailable", "shutting_down")
+    with drain.track():
+        return await _openai_route(request)
+
+
+async def _openai_route(request: web.Request) -> web.StreamResponse:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -159,14 +171,17 @@ def create_app(
     api_key: str | None = None,
     model_aliases: Iterable[str] = (),
     request_wait: float = continuity.WAIT,
+    drain: Drain | None = None,
 ) -> web.Application:
     """The gateway app. ``console_token``: the login secret (``<state-dir>/console-token``);
     ``allowed_hosts``: names and addresses besides loopback that the node answers to
     (see :func:`mesh_inference.api.security.own_host_names`); ``api_key``: the Bearer key
     ``/v1/*`` needs (None: open); ``model_aliases``: more names for the served model;
-    ``request_wait``: how long a request waits for the mesh to serve (again), in seconds."""
+    ``request_wait``: how long a request waits for the mesh to serve (again), in seconds;
+    ``drain``: tracks the ``/v1`` requests in flight, and refuses new ones once closed."""
     app = web.Application(client_max_size=MAX_BODY + 1024)
     app[BACKEND_KEY] = backend
+    app[DRAIN_KEY] = drain if drain is not None else Drain()
     app[ALIASES_KEY] = tuple(model_aliases)
     app[WAIT_KEY] = float(request_wait)
     # Before the guard: its middleware counts the requests the guard refuses too.

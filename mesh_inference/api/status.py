@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mesh_inference import __version__
@@ -44,6 +44,9 @@ class StatusInputs:
     # This node's copy of the model file from a peer (models/transfer.py): ref, state,
     # from, bytes, total, error; None when it fetches nothing.
     model_fetch: dict[str, Any] | None = None
+    # Peers this node holds in quarantine (core/quarantine.py): id -> {"reason", "until"
+    # (Unix time)}; only the host's own quarantine shapes the plan.
+    quarantine: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _plan_json(plan: PlanResult | None) -> tuple[dict[str, Any], dict[str, float]]:
@@ -104,6 +107,7 @@ def build_status(s: StatusInputs) -> dict[str, Any]:
                 "engine_state": info.engine_state,
                 "has_model": info.has_model,
                 "model_sha256": info.model_sha256,
+                "quarantine": s.quarantine.get(info.node_id),
             }
         )
     if host is not None and host != s.node_id and not any(p["id"] == host for p in peers):

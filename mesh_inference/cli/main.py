@@ -313,16 +313,25 @@ def _run_node(**opts: Any) -> None:
         sys.stdout.flush()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():  # asked twice: stop waiting for requests in flight
+                node.skip_drain()
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         as_log = opts["log_format"] == "json"  # then stderr carries JSON lines only
         watcher = asyncio.ensure_future(_report_progress(node, as_log=as_log))
         await stop.wait()
         watcher.cancel()
+        # Graceful leave (Node.stop): requests in flight finish (at most 10 s; a second
+        # Ctrl-C cuts it short), new ones get 503, peers hear Goodbye, engines stop.
         if as_log:
             logging.getLogger(PROGRESS_LOGGER).info("stopping")
         else:
-            click.echo("stopping…", err=True)
+            click.echo("stopping… (Ctrl-C again to stop without waiting for requests)",
+                       err=True)
         await node.stop()
         return 0
 

@@ -35,10 +35,13 @@ def render_status(data: dict[str, Any], console: Console | None = None) -> None:
             row["id"][:8],
             row.get("name", ""),
             f"[bold magenta]{role}[/]" if role == "host" else role,
-            row.get("status", ""),
+            row.get("status", "") + (" [yellow]quarantined[/]" if row.get("quarantine") else ""),
             _gb(row.get("memory_bytes")),
             "-" if share is None else f"{share * 100:.0f}%",
             "-" if rtt is None else f"{rtt:.1f} ms",
             "-" if seen is None else f"{seen:.1f} s",
         )
     console.print(table)
+    for row in data["peers"]:
+        if row.get("quarantine"):
+            console.print(f"[yellow]{row['id'][:8]} quarantined:[/] {row['quarantine']['reason']}")

@@ -11,13 +11,17 @@ Public API:
 - events :class:`PeerJoined`, :class:`PeerUpdated`, :class:`PeerSuspected`,
   :class:`PeerRecovered`, :class:`PeerDied`, :class:`PeerLeft`,
   :class:`PeerDiscovered` (``MembershipEvent`` is their union);
-- :class:`Outgoing` -- a message for one connected peer.
+- :class:`Outgoing` -- a message for one connected peer;
+- ``first_incarnation(boot)`` -- where a node's ``boot``-th life starts counting.
 
 Liveness is decided by direct observation only. The mesh is a full mesh
 of a few machines: every pair holds one authenticated connection and
 exchanges heartbeats, so only a peer's own silence can get it declared
 dead -- never a slow third party's opinion. Gossip is for learning which
-nodes exist (``PeerDiscovered`` → dial them) and what they offer.
+nodes exist (``PeerDiscovered`` → dial them) and what they offer; about a
+node we saw die or leave it counts only with a newer incarnation (a restart),
+so stale gossip never brings a ghost back (a dead peer someone vouches for is
+only worth a dial, at most every ``forget_after``).
 
 Peer states (``status_of``): ``pending`` (connected, its own record not
 received yet), ``alive``, ``suspect``, ``dead``, ``left``, and ``known``
@@ -44,6 +48,7 @@ from mesh_inference.core.messages import (
 )
 
 __all__ = [
+    "BOOT_SHIFT",
     "MAX_PEERS",
     "Membership",
     "MembershipEvent",
@@ -56,11 +61,25 @@ __all__ = [
     "PeerRecovered",
     "PeerSuspected",
     "PeerUpdated",
+    "first_incarnation",
 ]
 
 # A peer could gossip any number of invented node ids; past this many we
 # stop learning new ones (a real mesh is a few machines).
 MAX_PEERS = 1024
+# A life's own bumps (info changes) stay below the next boot's first incarnation.
+BOOT_SHIFT = 32
+
+
+def first_incarnation(boot: int) -> int:
+    """The incarnation a node's ``boot``-th start begins at: above any of its earlier lives.
+
+    The node counts its starts in its state dir (``machine.state.next_boot``), so
+    a restart under the same key supersedes what peers remember of the old life.
+    """
+    if boot < 0:
+        raise ValueError("boot must not be negative")
+    return min(boot, MAX_INCARNATION >> BOOT_SHIFT) << BOOT_SHIFT
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +169,7 @@ class _Peer:
     member: bool = False  # joined at least once: shown in records() even when dead
     last_heard: float | None = None
     last_mentioned: float = 0.0
+    last_hint: float | None = None  # last dial hint for a dead peer that others vouch for
 
 
 _MEMBER_STATUSES = ("alive", "suspect")
@@ -157,10 +177,18 @@ _MEMBER_STATUSES = ("alive", "suspect")
 
 class Membership:
     def __init__(
-        self, local: NodeInfo, now: float, timers: MembershipTimers | None = None
+        self,
+        local: NodeInfo,
+        now: float,
+        timers: MembershipTimers | None = None,
+        *,
+        incarnation: int = 0,
     ) -> None:
+        """``incarnation``: where this life starts counting (``first_incarnation(boot)``)."""
+        if not 0 <= incarnation <= MAX_INCARNATION:
+            raise ValueError(f"incarnation {incarnation} is out of range")
         self._local = local
-        self._incarnation = 0
+        self._incarnation = incarnation
         self.timers = timers if timers is not None else MembershipTimers()
         self._peers: dict[str, _Peer] = {}
         self._events: deque[MembershipEvent] = deque()
@@ -279,8 +307,8 @@ class Membership:
     def handle_disconnected(self, peer_id: str, now: float, reason: str) -> None:
         """The connection is gone without a Goodbye: the peer is dead at once."""
         p = self._peers.get(peer_id)
-        if p is None or not p.connected:
-            return
+        if p is None or not p.connected or self._left:
+            return  # after our own Goodbye the connections close: nobody died
         p.connected = False
         p.info_fresh = False
         if p.status in _MEMBER_STATUSES:
@@ -461,13 +489,22 @@ class Membership:
                 q.info, q.incarnation = rec.info, rec.incarnation
                 if changed:  # maybe new addresses: dial again
                     self._events.append(PeerDiscovered(rec.info))
-        elif q.status == "dead" or (q.status == "left" and rec.incarnation > q.incarnation):
-            # We lost it, someone still talks to it: reconnect, with that
-            # peer's copy of its info (fresher than ours, which stopped with
-            # our connection). A node that said Goodbye comes back only with
-            # a newer incarnation, so stale gossip cannot resurrect it.
+        elif q.status in ("dead", "left") and rec.incarnation > q.incarnation:
+            # A new life of a node we saw die or leave (a restart counts from a
+            # higher boot incarnation, see ``first_incarnation``): dial it, with
+            # that peer's copy of its info.
             q.info, q.incarnation = rec.info, rec.incarnation
             self._discovered(q, now)
+        elif q.status == "dead" and q.info is not None and (
+            q.last_hint is None or now >= q.last_hint + self.timers.forget_after
+        ):
+            # The same life, vouched for by a node that has not noticed its death
+            # (or that still reaches it across a partition of ours): stale for our
+            # view, which only our own connection can change, so it stays dead and
+            # a kill -9 leaves no ghost. Worth a dial, though, now and then: if it
+            # does answer, it rejoins by direct observation.
+            q.last_hint = now
+            self._events.append(PeerDiscovered(q.info))
 
     def _discovered(self, q: _Peer, now: float) -> None:
         assert q.info is not None

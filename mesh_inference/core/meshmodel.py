@@ -3,7 +3,8 @@
 Public API::
 
     choose_model(members) -> ModelChoice | None     # the highest (epoch, ref) announced
-    plan_for(members, choice) -> PlanResult | None  # election + split for that model
+    plan_for(members, choice, planner=None, left_out=()) -> PlanResult | None
+                                                    # election + split for that model
     role_in(plan, node_id, client=False) -> Role
 
 The mesh model travels in every node's ``NodeInfo`` as ``(model,
@@ -16,12 +17,14 @@ file may host it. A node holding the file takes part once it has indexed
 it (announced its sha256): then the host can send it weight references
 instead of weight bytes from the first launch, instead of loading over the
 wire and relaunching. All of this is a function of the members' records, so
-every node computes the same plan from the same view.
+every node computes the same plan from the same view -- except the workers
+the host holds in quarantine (``left_out``, core/quarantine.py), which only
+the host's own plan leaves out; the elected host is the same everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,8 +50,20 @@ def _holds(member: NodeInfo, choice: ModelChoice) -> bool:
     return member.has_model and (member.model_epoch, member.model) == (choice.epoch, choice.ref)
 
 
-def plan_for(members: Iterable[NodeInfo], choice: ModelChoice | None) -> PlanResult | None:
-    """Election and tensor split for ``choice`` among ``members`` (None: no model yet)."""
+def plan_for(
+    members: Iterable[NodeInfo],
+    choice: ModelChoice | None,
+    *,
+    planner: str | None = None,
+    left_out: Collection[str] = (),
+) -> PlanResult | None:
+    """Election and tensor split for ``choice`` among ``members`` (None: no model yet).
+
+    ``left_out`` (the peers ``planner`` holds in quarantine, core/quarantine.py)
+    applies only when ``planner`` is the elected host: the host makes the split,
+    so it alone leaves them out of its workers. The election itself never looks
+    at ``left_out``, so every node still elects the same host.
+    """
     if choice is None:
         return None
     members = list(members)
@@ -58,7 +73,12 @@ def plan_for(members: Iterable[NodeInfo], choice: ModelChoice | None) -> PlanRes
         for m in members
         if m.role == "client" or (m.rpc_ready and (m.model_sha256 or not _holds(m, choice)))
     ]
-    return elect(candidates, model_bytes)
+    result = elect(candidates, model_bytes)
+    host = host_of(result)
+    if planner is None or host != planner or not left_out:
+        return result
+    kept = [c for c in candidates if c.node_id == host or c.node_id not in left_out]
+    return result if len(kept) == len(candidates) else elect(kept, model_bytes)
 
 
 def host_of(plan: PlanResult | None) -> str | None:

@@ -5,7 +5,8 @@ Public API::
     host = HostController(backend, state_dir=..., open_tunnel=f(worker_id) -> (reader, writer),
                           local_rpc_port=lambda: worker.port, ctx_size=4096, threads=4,
                           on_state=f(state, detail),
-                          transforms_for=f(worker_id) -> TransformFactory)  # RPC-aware tunnels
+                          transforms_for=f(worker_id) -> TransformFactory,  # RPC-aware tunnels
+                          on_worker_failure=f(worker_id, reason))   # feeds core/quarantine.py
     host.apply(plan, model_path, alias)   # schedules; returns at once
     await host.settled()                  # until every scheduled application ran
     host.drop_worker(worker_id)           # a worker died: close its tunnel now
@@ -19,12 +20,17 @@ State lives here: the tunnel listeners (one 127.0.0.1 port per worker, the
 Applications run one at a time, and one superseded while it waited is
 skipped, so a burst of membership changes costs one relaunch. Where the
 plan keeps a worker, its tunnel port stays the same across relaunches.
+
+Failures it can pin on a worker go to ``on_worker_failure``: a tunnel stream
+to it that cannot be opened, and a llama-server crash whose last log lines
+name that worker's tunnel endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,7 @@ from mesh_inference.net.tunnel import Transform, TransformFactory, TunnelListene
 log = logging.getLogger(__name__)
 
 TunnelOpener = Callable[[str], Awaitable[tuple[asyncio.StreamReader, Any]]]
+_FAILURE_WORDS = re.compile(r"fail|error|abort|refused|reset|closed|lost|unreachable", re.I)
 
 
 class HostController:
@@ -59,8 +66,10 @@ class HostController:
         threads: int,
         on_state: Callable[[str, str], None],
         transforms_for: Callable[[str], TransformFactory] | None = None,
+        on_worker_failure: Callable[[str, str], None] | None = None,
     ) -> None:
         self._backend = backend
+        self._on_worker_failure = on_worker_failure
         self._transforms_for = transforms_for
         self._state_dir = state_dir
         self._open_tunnel = open_tunnel
@@ -183,9 +192,37 @@ class HostController:
 
     def _opener(self, worker: str) -> Callable[[], Awaitable[tuple[asyncio.StreamReader, Any]]]:
         async def open_stream() -> tuple[asyncio.StreamReader, Any]:
-            return await self._open_tunnel(worker)
+            try:
+                return await self._open_tunnel(worker)
+            except Exception as exc:
+                self._worker_failed(worker, f"a tunnel to it could not be opened: {exc}")
+                raise
 
         return open_stream
+
+    def _worker_failed(self, worker: str, reason: str) -> None:
+        log.warning("host: worker %s failed: %s", worker, reason)
+        if self._on_worker_failure is not None:
+            try:
+                self._on_worker_failure(worker, reason)
+            except Exception:
+                log.exception("on_worker_failure failed")
+
+    def _blame_crash(self, log_tail: str) -> None:
+        """llama-server died: blame the workers whose tunnel endpoint its last words name.
+
+        ggml's RPC client says e.g. "Failed to connect to 127.0.0.1:PORT" or "RPC
+        handshake failed for 127.0.0.1:PORT" before it aborts.
+        """
+        # This run's output only: after the supervisor's "--- <time> starting <argv>" line
+        # (the argv names every endpoint).
+        run = log_tail.rsplit("\n--- ", 1)[-1].partition("\n")[2]
+        for worker, tunnel in list(self._tunnels.items()):
+            endpoint = re.compile(rf"127\.0\.0\.1:{tunnel.port}(?!\d)")
+            for line in run.splitlines():
+                if endpoint.search(line) and _FAILURE_WORDS.search(line):
+                    self._worker_failed(worker, f"llama-server crashed: {line.strip()[:160]}")
+                    break
 
     async def _close_tunnels(self, keep: tuple[str, ...]) -> None:
         for stale in set(self._tunnels) - set(keep):
@@ -219,6 +256,7 @@ class HostController:
             if not event.expected:
                 self.crashes += 1
                 self._set_state("crashed", f"exit code {event.returncode}")
+                self._blame_crash(event.log_tail)
         elif self._engine is not None:
             self._set_state(self._engine.state, self.detail)
 

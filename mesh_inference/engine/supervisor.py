@@ -30,7 +30,10 @@ after an exponential back-off that resets once a child has stayed ready for
 ``healthy_reset_after`` seconds. When the group leader exits, whatever is
 left of its group is killed, so no grandchild outlives it. On Linux the child
 also gets ``PR_SET_PDEATHSIG``: if the sidecar dies (even by SIGKILL) its
-engines die with it instead of holding ports and CPUs.
+engines die with it instead of holding ports and CPUs. That signal follows the
+*thread* that forked, here the event loop's (the main thread in the CLI): a
+supervisor driven by a loop on another thread loses its children with that
+thread. Elsewhere there is no such signal (see DESIGN.md, Leaving).
 
 Nothing the child does raises into the caller: a command that cannot be
 executed is an exit with code 127 and the reason in the log. Waiting for

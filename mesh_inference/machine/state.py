@@ -6,6 +6,7 @@ Public API::
     mesh = load_or_create_mesh(state_dir, token)    # mesh.json (0600)
     token = load_or_create_console_token(state_dir) # console-token (0600)
     read_console_token(state_dir)                   # the same, or None: never creates
+    next_boot(state_dir) -> int                     # boots: 1, 2, 3 … (counted in "boots")
     write_private_file(path, data)                  # 0600 from creation, atomic
 
 Every file holding a secret is created with mode 0600 by ``open`` itself,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 
 CONSOLE_TOKEN_FILE = "console-token"
+BOOTS_FILE = "boots"
 # What a console token looks like (secrets.token_urlsafe): safe in a URL and in a cookie.
 CONSOLE_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{32,512}")
 
@@ -214,3 +216,22 @@ def read_console_token(state_dir: Path) -> str | None:
         return None
     text = token.decode("ascii", errors="replace").strip()
     return text if CONSOLE_TOKEN_RE.fullmatch(text) else None
+
+
+def next_boot(state_dir: Path) -> int:
+    """Count this start in ``<state-dir>/boots`` and return its number (1 for the first).
+
+    A restarted node announces a membership incarnation above its earlier
+    lives' (``core.membership.first_incarnation``), so peers take its new
+    record over what they remember of the old one. An unreadable count starts
+    over at 1 rather than keep the node from starting.
+    """
+    _prepare_dir(state_dir)
+    path = state_dir / BOOTS_FILE
+    try:
+        previous = int(_read_state_file(path).decode("ascii").strip()) if path.exists() else 0
+    except (IdentityError, ValueError, UnicodeDecodeError):
+        previous = 0
+    boot = max(previous, 0) + 1
+    _write_atomic(path, f"{boot}\n".encode(), 0o644)
+    return boot
