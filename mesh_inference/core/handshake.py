@@ -101,7 +101,7 @@ def _json(payload: bytes, what: str) -> dict[str, object]:
         raise AuthFailed(f"{what} frame is too large ({len(payload)} B)")
     try:
         data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # "[[[[…" nests past the stack
         raise AuthFailed(f"{what} frame is not JSON") from None
     if not isinstance(data, dict):
         raise AuthFailed(f"{what} frame is not a JSON object")

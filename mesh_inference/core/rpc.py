@@ -527,8 +527,6 @@ class HostRewriter(_RequestFraming):
             self._rsp_remaining -= take
             if self._rsp_remaining == 0:
                 self._rsp_remaining = -1
-                if not self._tracking and not self._slots:
-                    continue
                 if not self._slots or self._slots[0] is not None:
                     raise RpcError("the RPC server sent a reply nobody asked for")
                 self._slots.popleft()
@@ -539,6 +537,10 @@ class HostRewriter(_RequestFraming):
                         reply = self._slots.popleft()
                         assert reply is not None
                         out.append(reply)
+                if not self._tracking and not self._slots:
+                    # Nothing left to order, and replies to unknown commands have no
+                    # known framing: the rest passes untouched, as the next feed's will.
+                    break
         if cut == 0:
             out.append(data)
         elif cut < n:
