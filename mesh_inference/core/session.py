@@ -550,7 +550,10 @@ class PeerSession:
     def _stack_failed(self, exc: Exception) -> None:
         # The QUIC stack itself raised (qh3 can, e.g. "packet builder capacity exhausted"
         # while closing): this connection is over, nothing else is.
-        log.warning("QUIC stack error on a peer session: %s", exc)
+        # Before authentication it is a stranger's junk (aioquic raises on some undecryptable
+        # first packets): not worth a warning each.
+        log.log(logging.WARNING if self.authenticated else logging.DEBUG,
+                "QUIC stack error on a peer session: %r", exc)
         if not self.closed:
             self._set_closed(f"QUIC stack error: {exc}", ERR_INTERNAL, by_peer=False)
         self.terminated = True
