@@ -807,3 +807,35 @@ def test_docs_say_what_was_not_verified() -> None:
         assert claim in docs.split("## Not verified here", 1)[1], claim
     for doc in ("README.md", "DESIGN.md"):
         assert "docs/deployment.md" in (ROOT / doc).read_text(), doc
+
+
+def test_the_wheel_carries_the_console(tmp_path: Path) -> None:
+    """A pip install gets the web console (<prefix>/share/mesh-inference/console)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("mesh_inference-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {n.rsplit("/", 1)[1] for n in names if "/share/mesh-inference/console/" in n}
+    assert shipped == {p.name for p in (ROOT / "console").iterdir() if p.is_file()}
+
+
+def test_an_installed_console_is_found_under_the_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mesh_inference.cli import main as cli_main
+
+    shared = tmp_path / "share" / "mesh-inference" / "console"
+    shared.mkdir(parents=True)
+    (shared / "index.html").write_text("<!doctype html>")
+    monkeypatch.setattr(cli_main.sys, "prefix", str(tmp_path))
+    # As installed: no console/ next to the package.
+    monkeypatch.setattr(cli_main, "__file__", str(tmp_path / "site" / "mesh_inference" / "cli"
+                                                  / "main.py"))
+    assert cli_main._console_dir() == shared

@@ -24,9 +24,10 @@ DEFAULT_PORT = 9337
 
 def _console_dir() -> Path | None:
     # console/ sits next to the package in a source checkout (this file is
-    # mesh_inference/cli/main.py), or inside the package when installed with it.
+    # mesh_inference/cli/main.py); a wheel installs it under <prefix>/share.
     package = Path(__file__).resolve().parents[1]
-    for cand in (package.parent / "console", package / "console"):
+    shared = Path(sys.prefix) / "share" / "mesh-inference" / "console"
+    for cand in (package.parent / "console", package / "console", shared):
         if (cand / "index.html").is_file():
             return cand
     return None
