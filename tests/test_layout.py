@@ -45,3 +45,14 @@ def test_no_private_attribute_of_aioquic_is_read() -> None:
     for path in PACKAGE.rglob("*.py"):
         found = private.search(path.read_text())
         assert found is None, f"{path.relative_to(PACKAGE)} reads {found.group(0)}"
+
+
+def test_the_design_picture_lists_every_module() -> None:
+    """DESIGN.md opens with the picture of ``ls mesh_inference``: it may not drift."""
+    design = (PACKAGE.parent / "DESIGN.md").read_text()
+    picture = design.split("```", 2)[1]
+    listed = set(re.findall(r"[\w.]+\.(?:py|json)\b", picture))
+    actual = {p.name for p in PACKAGE.rglob("*") if p.suffix in (".py", ".json")
+              and "__pycache__" not in p.parts and p.name != "__init__.py"}
+    assert actual - listed == set(), "modules missing from DESIGN.md's picture"
+    assert listed - actual - {"__init__.py"} == set(), "DESIGN.md lists modules that are gone"
