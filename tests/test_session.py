@@ -414,3 +414,20 @@ def test_the_session_module_is_sans_io() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"asyncio", "socket", "time", "selectors", "threading"}
+
+
+def test_no_datagram_is_larger_than_the_configured_size() -> None:
+    """1452 B is a LAN's limit: no probe or coalesced packet may exceed it (on either stack)."""
+    net = Net()
+    sizes: list[int] = []
+
+    def record(data: bytes) -> bool:
+        sizes.append(len(data))
+        return False
+
+    net.drop = record
+    net.authenticate()
+    sid = open_and_send(net, bytes(1 << 20))
+    net.run(lambda: net.a.received(sid) >= STREAM_WINDOW // 8, limit=10)
+    net.run(lambda: False, limit=2)  # long enough for path-MTU probes, if any were sent
+    assert len(sizes) > 100 and max(sizes) <= 1452
