@@ -461,3 +461,30 @@ def _zombie(pid: int) -> bool:
         return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
+
+
+async def test_worker_rpc_server_keeps_no_weight_cache(tmp_path: Path) -> None:
+    """No -c: weights come by reference from the node's own GGUF; an old cache dir goes."""
+    from mesh_inference.engine.backends import EngineUnavailable, find_backend
+    from mesh_inference.engine.worker import WorkerService
+
+    try:
+        backend = find_backend("bin")
+    except EngineUnavailable as exc:
+        pytest.skip(f"llama.cpp binaries not installed: {exc}")
+    stale = tmp_path / "rpc-cache" / "rpc"
+    stale.mkdir(parents=True)
+    (stale / "0123456789abcdef").write_bytes(b"x" * 1024)  # a tensor an older version kept
+    worker = WorkerService(backend, state_dir=tmp_path, threads=1, on_change=lambda: None)
+    await worker.start()
+    try:
+        async with asyncio.timeout(60):
+            while not worker.ready:  # noqa: ASYNC110 (state the service owns)
+                await asyncio.sleep(0.05)
+        me = psutil.Process()
+        (rpc,) = [c for c in me.children(recursive=True) if "rpc" in c.name()]
+        assert "-c" not in rpc.cmdline()[1:]
+        assert "LLAMA_CACHE" not in rpc.environ()
+        assert not (tmp_path / "rpc-cache").exists()
+    finally:
+        await worker.stop()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,11 @@ class WorkerService:
 
     async def start(self) -> None:
         self.port = free_tcp_port()
-        cache_dir = self._state_dir / "rpc-cache"
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        # No rpc-server weight cache (-c): weights come from this node's own GGUF by
+        # reference (core/rpc.py), and -c would trust its files without re-hashing and
+        # keep a second copy of every large tensor (measured: 29 MB of SmolLM2's 98 MB on
+        # the host's own rpc-server). Older versions left one here: it goes.
+        shutil.rmtree(self._state_dir / "rpc-cache", ignore_errors=True)
         self._supervisor = ProcessSupervisor(
             "rpc-server",
             log_path=self._state_dir / "rpc-server.log",
@@ -85,9 +89,9 @@ class WorkerService:
             on_event=self._on_event,
         )
         argv = self._backend.rpc_server_command(
-            port=self.port, threads=self._threads, cache_dir=cache_dir
+            port=self.port, threads=self._threads, cache_dir=None
         )
-        await self._supervisor.start(argv, self._backend.env(cache_dir))
+        await self._supervisor.start(argv, self._backend.env(None))
 
     def _on_event(self, event: SupervisorEvent) -> None:
         log.info("worker: %s", event)
