@@ -34,6 +34,7 @@ class NodeProcess:
     http_port: int = 0
     netns: str | None = None  # runs inside this network namespace
     console_token: str = ""  # read from <state-dir>/console-token once the node started
+    start_args: dict[str, Any] = field(default_factory=dict)  # start_node's keywords (restart)
 
     @property
     def url(self) -> str:
@@ -174,7 +175,10 @@ class LocalMesh:
             env=env,
         )
         log.close()
-        node = NodeProcess(name, state, proc, log_path, netns=netns)
+        node = NodeProcess(name, state, proc, log_path, netns=netns, start_args=dict(
+            model=model, join=join, client=client, max_vram_gb=max_vram_gb,
+            http_port=http_port, args=args, netns=netns, quic_host=quic_host,
+        ))  # fmt: skip
         self.nodes.append(node)
         self._wait_node_file(node)
         return node
@@ -200,6 +204,18 @@ class LocalMesh:
             node.console_token = token
             return
         raise TimeoutError(f"node {node.name} did not start:\n{node.log_tail()}")
+
+    def restart_node(self, node: NodeProcess, *, join: str | None = None) -> NodeProcess:
+        """Start ``node`` again after it exited: same name, state dir (so the same node id)
+        and options; ``join`` replaces its join token (a survivor's: ports are ephemeral)."""
+        if node.proc.poll() is None:
+            raise RuntimeError(f"node {node.name} is still running (pid {node.proc.pid})")
+        if node in self.nodes:  # its process was reaped: never signal that pid again
+            self.nodes.remove(node)
+        kwargs = dict(node.start_args)
+        if join is not None:
+            kwargs["join"] = join
+        return self.start_node(node.name, **kwargs)
 
     def join_token(self, node: NodeProcess) -> str:
         return (node.state_dir / "join-token").read_text().strip()
