@@ -476,3 +476,24 @@ async def test_probes_against_real_sockets() -> None:
         assert not await probe_http("127.0.0.1", silent.getsockname()[1], "/", timeout_s=0.2)
     finally:
         silent.close()
+
+
+async def test_a_replaced_child_that_ignores_sigterm_gets_only_the_given_grace(
+    tmp_path: Path, sups: list[ProcessSupervisor]
+) -> None:
+    """As a busy llama-server does: the relaunch's stop_timeout, not the default 5 s."""
+    ev = Events()
+    sup = make(sups, tmp_path, ev)
+    flag = tmp_path / "ignoring"
+    ignore_term = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                   "open(sys.argv[1], 'w').close(); time.sleep(60)")
+    await sup.start([*py(ignore_term), str(flag)])
+    first = (await ev.next(EngineReady)).pid
+    async with asyncio.timeout(WAIT_S):
+        while not flag.exists():  # noqa: ASYNC110 (the child's handler is in place)
+            await asyncio.sleep(0.02)
+    await sup.start(py("import time; time.sleep(60)"), stop_timeout=0.2)
+    exited = await ev.next(EngineExited)
+    assert exited.pid == first and exited.returncode == -signal.SIGKILL
+    assert "no exit 0.2 s after SIGTERM" in sup.log_tail()
+    assert (await ev.next(EngineReady)).pid != first

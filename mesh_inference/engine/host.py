@@ -51,6 +51,7 @@ from mesh_inference.net.tunnel import Transform, TransformFactory, TunnelListene
 log = logging.getLogger(__name__)
 
 TunnelOpener = Callable[[str], Awaitable[tuple[asyncio.StreamReader, Any]]]
+RELAUNCH_GRACE = 0.5  # seconds a replaced llama-server gets after SIGTERM (see _launch)
 _FAILURE_WORDS = re.compile(r"fail|error|abort|refused|reset|closed|lost|unreachable", re.I)
 
 
@@ -177,7 +178,10 @@ class HostController:
             self.restarts["plan"] += 1
         self._crash_restart_due = False  # a relaunch supersedes the supervisor's restart
         self._set_state("starting", f"{len(plan.workers) + 1} devices")
-        await self._engine.start(argv, self._backend.env())
+        # A llama-server busy generating ignores SIGTERM (measured: still running 20 s
+        # later), and every relaunch would wait out the grace: streams cut by the
+        # relaunch are continued by the gateway that received them (api/continuity.py).
+        await self._engine.start(argv, self._backend.env(), stop_timeout=RELAUNCH_GRACE)
 
     def _transforms(self, worker: str) -> TransformFactory | None:
         if self._transforms_for is None:

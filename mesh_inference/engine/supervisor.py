@@ -251,10 +251,17 @@ class ProcessSupervisor:
     def argv(self) -> list[str] | None:
         return list(self._argv) if self._argv is not None else None
 
-    async def start(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    async def start(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        stop_timeout: float = 5.0,
+    ) -> None:
         """Run ``argv`` (stopping the current child first); returns once it is spawned.
 
-        ``env`` holds extra variables laid over this process's environment.
+        ``env`` holds extra variables laid over this process's environment;
+        ``stop_timeout``: how long the current child gets after SIGTERM.
         """
         if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
             raise ValueError("argv must be a non-empty sequence of strings")
@@ -263,7 +270,7 @@ class ProcessSupervisor:
         ):
             raise ValueError("env must map strings to strings")
         async with self._lock:
-            await self._stop_locked(5.0)
+            await self._stop_locked(stop_timeout)
             self._argv = list(argv)
             self._env = dict(env or {})
             self._delay = self._backoff_initial
