@@ -25,6 +25,7 @@ leaves the cache as it is (the continuation is then near-exact).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 HEADER = "x-mesh-replay"  # set on continuation requests between nodes, never by clients
 MAX_REPLAY_TOKENS = 1024  # beyond this, a batched prefill (faster, near-exact)
+# Wall-clock budget: on an engine busy with other requests each replay step waits for
+# a batch slot (~3 s per token in the soak), and a step batched with other sequences is
+# not bit-exact anyway. Past the budget the rest is a batched prefill (near-exact).
+REPLAY_BUDGET_S = 5.0
 _TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 
@@ -45,7 +50,11 @@ async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) 
 
 
 async def replay_into_cache(
-    session: aiohttp.ClientSession, engine_url: str, request: dict[str, Any]
+    session: aiohttp.ClientSession,
+    engine_url: str,
+    request: dict[str, Any],
+    *,
+    budget: float = REPLAY_BUDGET_S,
 ) -> bool:
     """Evaluate the continuation's prefix into the engine's cache token by token.
 
@@ -74,7 +83,14 @@ async def replay_into_cache(
                      len(gtoks))
             return False
         # The prompt as the first engine took it (one batch), then one token per step.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
         for n in range(len(gtoks) + 1):
+            if loop.time() > deadline:
+                log.info("continuation: replay stopped after %d of %d tokens (over %.0f s: "
+                         "the engine is busy); batched prefill for the rest",
+                         n - 1, len(gtoks), budget)  # fmt: skip
+                return False
             await _post(session, engine_url + "/completion",
                         {"prompt": ptoks + gtoks[:n], "n_predict": 0, "cache_prompt": True})
     except (aiohttp.ClientError, TimeoutError, RuntimeError, KeyError, TypeError,
