@@ -72,7 +72,7 @@ from mesh_inference.core.messages import (
 from mesh_inference.core.plan import Plan, WaitingForCapacity
 from mesh_inference.core.quarantine import Quarantine, QuarantinePolicy
 from mesh_inference.engine.backends import EngineBackend, EngineUnavailable, find_backend
-from mesh_inference.engine.host import HostController
+from mesh_inference.engine.host import SETTLE_S, HostController
 from mesh_inference.engine.weights import PASS_THROUGH, host_transforms, worker_transforms
 from mesh_inference.engine.worker import WorkerService
 from mesh_inference.machine.resources import MemoryOffer, detect_memory
@@ -141,6 +141,9 @@ class NodeConfig:
     drain_timeout: float = 10.0
     # Workers that keep failing stay out of this node's plans while it hosts (core/quarantine.py).
     quarantine: QuarantinePolicy = field(default_factory=QuarantinePolicy)
+    # While hosting: a plan that only adds workers relaunches the engine once the plan has
+    # not changed for this long (engine/host.py), so nodes joining one by one cost one load.
+    plan_settle: float = SETTLE_S
 
 
 class DiscoveryLike(Protocol):
@@ -294,6 +297,7 @@ class Node:
                 on_state=lambda _s, _d: self._local_changed(),
                 transforms_for=self._host_transforms,
                 on_worker_failure=self._peer_failed,
+                settle=cfg.plan_settle,
             )
             await self._worker.start()
             if not cfg.client and not cfg.no_model_copy:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import pairwise
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -45,10 +46,11 @@ def test_plan_puts_the_biggest_holder_last_and_skips_unready_workers() -> None:
 
 
 def test_a_holder_of_another_epoch_cannot_host() -> None:
-    # b holds the file of the model the mesh switched away from: it is only a worker.
+    # b holds the file of the model the mesh switched away from: it cannot host, and
+    # until it has adopted the new epoch it says nothing about that file: not planned.
     members = [info("a", 1, has_model=True, model_epoch=1), info("b", 8, has_model=True)]
     plan = plan_for(members, choose_model(members))
-    assert isinstance(plan, Plan) and plan.host_id == "a"
+    assert isinstance(plan, Plan) and (plan.host_id, plan.workers) == ("a", ())
 
 
 def test_a_holder_takes_part_once_it_has_indexed_the_file() -> None:
@@ -61,6 +63,57 @@ def test_a_holder_takes_part_once_it_has_indexed_the_file() -> None:
     members[1] = replace(members[1], model_sha256="cd" * 32)
     plan = plan_for(members, choice)
     assert isinstance(plan, Plan) and (plan.host_id, plan.workers) == ("b", ("a", "c"))
+
+
+def test_a_member_is_planned_only_once_it_reports_on_the_mesh_model() -> None:
+    choice = ModelChoice(1, "m")
+    host = info("a", 4, has_model=True, model_epoch=1)
+    # What a node that just joined announces before it adopted the mesh model: no model,
+    # so no word on the file (it may well hold it); or the model it was started with.
+    for unreported in (
+        info("b", 2, model=None, model_sha256=None),
+        info("b", 2, model="m", model_epoch=0, has_model=False, model_sha256=None),
+        info("b", 2, model="other", model_epoch=1, has_model=True),
+    ):
+        plan = plan_for([host, unreported], choice)
+        assert isinstance(plan, Plan) and plan.workers == (), unreported
+    # Once it follows the mesh model, its record decides: without the file it is a
+    # worker at once; with it, once indexed.
+    absent = info("b", 2, model_epoch=1, has_model=False, model_sha256=None)
+    indexing = replace(absent, has_model=True)
+    indexed = replace(indexing, model_sha256="cd" * 32)
+    assert [_workers(plan_for([host, b], choice)) for b in (absent, indexing, indexed)] == [
+        ("b",), (), ("b",)
+    ]
+    # Clients take no part in the split whatever they announce.
+    client = info("c", 8, role="client", model=None, rpc_ready=False)
+    assert plan_for([host, client], choice) == plan_for([host], choice)
+
+
+def _workers(plan: object) -> tuple[str, ...]:
+    assert isinstance(plan, Plan)
+    return plan.workers
+
+
+def _lifecycle(joiner: NodeInfo, holds: bool) -> list[NodeInfo]:
+    """What a joining node announces, in order: gossip of its first contact, then its
+    adoption of the mesh model (with the file: indexing, then indexed; or without it)."""
+    first = replace(joiner, model=None, model_epoch=0, has_model=False, model_sha256=None)
+    adopted = replace(joiner, has_model=holds, model_sha256=None)
+    if not holds:
+        return [first, adopted]
+    return [first, adopted, replace(adopted, model_sha256="cd" * 32)]
+
+
+def test_a_joining_holder_enters_the_plan_once_as_the_holder_it_is() -> None:
+    """The flap this rule removes: before, the joiner was planned as a worker without
+    the file (first contact), dropped while it indexed its copy, then planned again."""
+    choice = ModelChoice(0, "m")
+    mesh = [info("a", 4, has_model=True), info("b", 2)]
+    plans = [plan_for([*mesh, c], choice) for c in _lifecycle(info("c", 1), holds=True)]
+    assert [_workers(p) for p in plans] == [("b",), ("b",), ("b", "c")]
+    plans = [plan_for([*mesh, c], choice) for c in _lifecycle(info("c", 1), holds=False)]
+    assert [_workers(p) for p in plans] == [("b",), ("b", "c")]
 
 
 def test_no_model_no_plan_and_no_holder_no_host() -> None:
@@ -132,3 +185,19 @@ def test_quarantine_never_changes_the_elected_host(
         assert mine == full
     elif isinstance(mine, Plan):
         assert not set(mine.workers) & left_out
+
+
+@given(ids, st.data())
+def test_a_joiner_changes_the_plan_at_most_once(node_ids: list[str], data: st.DataObject) -> None:
+    *others, joiner_id = node_ids
+    members = [
+        info(n, data.draw(st.integers(0, 16)), has_model=data.draw(st.booleans()))
+        for n in others
+    ]
+    joiner = info(joiner_id, data.draw(st.integers(0, 16)))
+    holds = data.draw(st.booleans())
+    choice = ModelChoice(0, "m")
+    plans = [plan_for([*members, j], choice) for j in _lifecycle(joiner, holds)]
+    changes = sum(1 for before, after in pairwise(plans) if before != after)
+    assert changes <= 1
+    assert plans[0] == plan_for(members, choice)  # first contact: as if it were not there

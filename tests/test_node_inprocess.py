@@ -59,6 +59,7 @@ def make_node(tmp: Path, name: str, gib: int, **over: Any) -> Node:
     settings: dict[str, Any] = dict(
         state_dir=tmp / name, name=name, http_port=0, quic_host="127.0.0.1", quic_port=0,
         mdns=False, models_dir=tmp / "models", threads=1, timers=FAST,
+        plan_settle=0.3,  # nodes join here within a fraction of a second of each other
     )  # fmt: skip
     config = NodeConfig(**{**settings, **over})
     io = NodeIO(
@@ -181,6 +182,51 @@ async def test_a_node_that_joins_later_is_planned_in(tmp_path: Path) -> None:
     finally:
         await b.stop()
         await a.stop()
+
+
+async def test_a_joining_node_costs_one_relaunch_and_a_death_relaunches_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_gguf(tmp_path / "tiny.gguf")
+    a = make_node(tmp_path, "a", 4, model_ref=str(model))
+    await a.start()
+    b = make_node(tmp_path, "b", 2, join=a.join_token)
+    c = make_node(tmp_path, "c", 1, join=a.join_token)
+    try:
+        await b.start()
+        await until(lambda: ready_with(a, 2), "a and b serve")
+        host = a._host
+        assert host is not None
+        plans, relaunches = a._plan_changes, host.restarts["plan"]
+        # c finds the mesh model's file here (the shared models dir): before it has said
+        # so, and while it indexes the file, it stays out; then it comes in once.
+        await c.start()
+        await until(lambda: ready_with(a, 3) and ready_with(c, 3), "c planned in")
+        await a.settled()
+        assert a._plan_changes == plans + 1
+        assert host.restarts["plan"] == relaunches + 1
+        assert peer_entry(a, c.node_id)["model_sha256"] == a._model.sha256
+        # A death applies at once: with a settle period no test could wait out, the
+        # failover still relaunches the engine right away.
+        monkeypatch.setattr(host, "_settle", 3600.0)
+        monkeypatch.setattr(host, "_settle_cap", 3600.0)
+        # c dies as under kill -9: from now on not a datagram leaves it (no Goodbye, no
+        # CONNECTION_CLOSE); a notices the silence (FAST.dead_after).
+        assert c._endpoint is not None and c._endpoint._sock is not None
+        for sock in (c._endpoint._sock, *c._endpoint._extra_socks):
+            monkeypatch.setattr(sock, "send_all", lambda _datagrams: None)
+        await c.stop()
+        await until(lambda: len(a.status()["plan"]["order"]) == 2, "a plans without c")
+        assert a._members is not None
+        assert a._members.membership.status_of(c.node_id) == "dead"
+        async with asyncio.timeout(20):
+            await a.settled()
+        assert host.restarts["plan"] == relaunches + 2 and not host.settling
+        await until(lambda: ready_with(a, 2), "serving on a and b")
+        assert len((await ask(b))["rpc"]) == 2
+    finally:
+        for node in (c, b, a):
+            await node.stop()
 
 
 def peer_entry(node: Node, peer_id: str) -> dict[str, Any]:

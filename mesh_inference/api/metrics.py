@@ -63,7 +63,8 @@ LONG_LIVED = frozenset({"/api/events"})  # SSE: its duration is the client's pat
 PEER_STATES = ("alive", "suspect", "dead", "left")
 ROLES = ("host", "worker", "standby", "client")
 PLAN_STATES = ("planned", "waiting", "none")
-ENGINE_STATES = ("stopped", "starting", "ready", "crashed", "backoff", "waiting", "unknown")
+ENGINE_STATES = ("stopped", "starting", "ready", "settling", "crashed", "backoff", "waiting",
+                 "unknown")
 RPC_STATES = ("none", "stopped", "starting", "ready", "crashed", "backoff")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)  # fmt: skip
@@ -178,7 +179,8 @@ class StateCollector(Collector):
         yield _one_of(f"{PREFIX}_engine_state", "State of the mesh's llama-server (on the "
                       "host), as this node sees it (1 = it).", "state", ENGINE_STATES,
                       engine.get("state", "unknown"))
-        yield GaugeMetricFamily(f"{PREFIX}_ready", "1 when the mesh can serve requests.",
+        yield GaugeMetricFamily(f"{PREFIX}_ready", "1 when the mesh serves requests under "
+                                "its current plan.",
                                 value=1.0 if st.get("ready") else 0.0)
         startup = engine.get("startup_s")
         if isinstance(startup, int | float):

@@ -13,11 +13,17 @@ so a model switch survives the node that made it, and a node started with
 ``--model`` (epoch 0) never overrides a switch (epoch ≥ 1). Only members
 whose own rpc-server is ready take part in a plan (a worker without one
 would make llama-server abort), and only nodes holding the chosen model's
-file may host it. A node holding the file takes part once it has indexed
-it (announced its sha256): then the host can send it weight references
-instead of weight bytes from the first launch, instead of loading over the
-wire and relaunching. All of this is a function of the members' records, so
-every node computes the same plan from the same view -- except the workers
+file may host it. A member takes part only once its record answers for
+the chosen model, i.e. announces that very ``(epoch, ref)``: before it has
+adopted it (a node that just joined announces no model, or the one it was
+started with) its ``has_model`` says nothing about this model's file, and
+planning it as a worker without the file, only to drop it when it turns out
+to hold one, costs the host two engine relaunches. A node holding the file
+takes part once it has indexed it (announced its sha256): then the host can
+send it weight references instead of weight bytes from the first launch,
+instead of loading over the wire and relaunching. So a joining node enters
+the plan once, in its final role. All of this is a function of the members'
+records, so every node computes the same plan from the same view -- except the workers
 the host holds in quarantine (``left_out``, core/quarantine.py), which only
 the host's own plan leaves out; the elected host is the same everywhere.
 """
@@ -46,8 +52,29 @@ def choose_model(members: Iterable[NodeInfo]) -> ModelChoice | None:
     return max((ModelChoice(m.model_epoch, m.model) for m in members if m.model), default=None)
 
 
+def _follows(member: NodeInfo, choice: ModelChoice) -> bool:
+    """``member``'s record speaks of ``choice``: its ``has_model``/sha256 are about that file."""
+    return (member.model_epoch, member.model) == (choice.epoch, choice.ref)
+
+
 def _holds(member: NodeInfo, choice: ModelChoice) -> bool:
-    return member.has_model and (member.model_epoch, member.model) == (choice.epoch, choice.ref)
+    return member.has_model and _follows(member, choice)
+
+
+def _takes_part(member: NodeInfo, choice: ModelChoice) -> bool:
+    """Whether ``member`` is a candidate in the plan for ``choice``.
+
+    Clients always are (the election skips them). A member needs a ready
+    rpc-server (else llama-server aborts), must have reported on this model
+    (adopted it: until then whether it holds the file is unknown), and, if it
+    holds the file, must have indexed it (announced the sha256), so it enters
+    the plan once, as the holder it is, and not first as a worker without it.
+    """
+    if member.role == "client":
+        return True
+    if not member.rpc_ready or not _follows(member, choice):
+        return False
+    return not member.has_model or member.model_sha256 is not None
 
 
 def plan_for(
@@ -71,7 +98,7 @@ def plan_for(
     candidates = [
         Candidate(m.node_id, m.memory_bytes, m.role == "client", _holds(m, choice))
         for m in members
-        if m.role == "client" or (m.rpc_ready and (m.model_sha256 or not _holds(m, choice)))
+        if _takes_part(m, choice)
     ]
     result = elect(candidates, model_bytes)
     host = host_of(result)
