@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 from collections.abc import Callable
@@ -431,3 +432,23 @@ def test_no_datagram_is_larger_than_the_configured_size() -> None:
     net.run(lambda: net.a.received(sid) >= STREAM_WINDOW // 8, limit=10)
     net.run(lambda: False, limit=2)  # long enough for path-MTU probes, if any were sent
     assert len(sizes) > 100 and max(sizes) <= 1452
+
+
+def test_sending_to_a_peer_that_closed_is_a_connection_error_on_every_stack() -> None:
+    """Between the peer's CONNECTION_CLOSE and the stack's termination event (its draining
+    period), qh3 raises on sends: that must surface as ConnectionResetError and end the
+    session, never escape as the stack's own exception (it stopped a node's heartbeats)."""
+    net = Net()
+    net.authenticate()
+    sid = open_and_send(net, b"x", end=False)
+    net.a.s.close("going away")
+    net.run(lambda: net.d.s.closed or bool(net.d.of(SessionClosed)), limit=0.01)
+    for send in (
+        lambda: net.d.s.send_control(MessageType.HEARTBEAT, b'{"inc":9}'),
+        lambda: net.d.s.send_data(sid, b"more"),
+    ):
+        # aioquic takes the send (the connection is draining); qh3 refuses it: both fine.
+        with contextlib.suppress(ConnectionResetError):
+            send()
+    net.run(lambda: net.d.s.terminated, limit=30)
+    assert net.d.s.terminated and net.d.s.get_timer() is None

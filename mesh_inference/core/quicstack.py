@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from aioquic.quic.configuration import QuicConfiguration as QuicConfiguration
     from aioquic.quic.connection import NetworkAddress as NetworkAddress
     from aioquic.quic.connection import QuicConnection as QuicConnection
+    from aioquic.quic.connection import QuicConnectionError as _StackError
 
 ENV = "MESH_INFERENCE_QUIC"
 STACKS = ("aioquic", "qh3")
@@ -67,13 +68,21 @@ if not TYPE_CHECKING:
         from qh3.quic import events
         from qh3.quic.configuration import QuicConfiguration
         from qh3.quic.connection import NetworkAddress, QuicConnection
+        from qh3.quic.connection import QuicConnectionError as _StackError
     else:
         from aioquic.quic import events
         from aioquic.quic.configuration import QuicConfiguration
         from aioquic.quic.connection import NetworkAddress, QuicConnection
+        from aioquic.quic.connection import QuicConnectionError as _StackError
+
+# What the stack raises from an application call (send, ping, reset) on a connection it
+# has already closed -- qh3 does ("connection is closed") before the application has seen
+# ConnectionTerminated; the session turns it into the end of that connection.
+STACK_ERRORS: tuple[type[Exception], ...] = (_StackError,)
 
 __all__ = [
     "STACK",
+    "STACK_ERRORS",
     "NetworkAddress",
     "QuicConfiguration",
     "QuicConnection",

@@ -66,6 +66,7 @@ import contextlib
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mesh_inference.core.dcf import (
@@ -83,6 +84,7 @@ from mesh_inference.core.handshake import MAX_HANDSHAKE_PAYLOAD, AuthFailed, Han
 from mesh_inference.core.identity import MeshCredentials, NodeIdentity
 from mesh_inference.core.messages import Credit, decode_payload, encode_payload
 from mesh_inference.core.quicstack import (
+    STACK_ERRORS,
     NetworkAddress,
     QuicConfiguration,
     QuicConnection,
@@ -376,7 +378,11 @@ class PeerSession:
             and now >= self._ping_due
         ):
             self._ping_uid += 1
-            self._quic.send_ping(self._ping_uid)
+            try:
+                self._quic.send_ping(self._ping_uid)
+            except STACK_ERRORS as exc:
+                self._stack_failed(exc)
+                return []
             self._ping_sent = (self._ping_uid, now)  # it goes out in this very call
         try:
             out = self._quic.datagrams_to_send(now=now)
@@ -417,7 +423,7 @@ class PeerSession:
             raise ConnectionResetError(f"more than {MAX_STREAMS} streams to this peer")
         sid = int(self._quic.get_next_available_stream_id())
         # Create it now, so the next call gets another id even before any write.
-        self._quic.send_stream_data(sid, b"")
+        self._guarded(self._quic.send_stream_data, sid, b"")
         self._streams[sid] = _Stream(peer_opened=False)
         return sid
 
@@ -439,11 +445,11 @@ class PeerSession:
             return
         room = st.send_limit - st.sent
         if room >= len(data):
-            self._quic.send_stream_data(sid, data)
+            self._guarded(self._quic.send_stream_data, sid, data)
             st.sent += len(data)
             return
         if room > 0:
-            self._quic.send_stream_data(sid, data[:room])
+            self._guarded(self._quic.send_stream_data, sid, data[:room])
             st.sent += room
         st.blocked += data[room:]
 
@@ -461,7 +467,7 @@ class PeerSession:
         if not st.send_done and not st.fin_wanted:
             st.send_done = True
             st.blocked.clear()
-            self._quic.reset_stream(sid, ERR_NONE)
+            self._guarded(self._quic.reset_stream, sid, ERR_NONE)
         if not st.recv_done and not st.recv_stopped:
             st.recv_stopped = True
             self._stop(sid)
@@ -498,7 +504,11 @@ class PeerSession:
         if self.closed:
             return
         self._set_closed(reason, code, by_peer=False)
-        self._quic.close(error_code=code, reason_phrase=reason[:200])
+        try:
+            self._quic.close(error_code=code, reason_phrase=reason[:200])
+        except STACK_ERRORS as exc:  # already closed underneath: nothing to send
+            self._stack_failed(exc)
+            return
         # Built now: qh3 may report the connection terminated before the next
         # datagrams_to_send, and then has nothing left to send.
         try:
@@ -525,11 +535,11 @@ class PeerSession:
 
     def _send_frame(self, mtype: MessageType, payload: bytes) -> None:
         data = self._ctl_enc.encode(mtype, payload, self._timestamp_us())
-        self._quic.send_stream_data(CONTROL_STREAM, data)
+        self._guarded(self._quic.send_stream_data, CONTROL_STREAM, data)
 
     def _send_fin(self, sid: int, st: _Stream) -> None:
         st.send_done = True
-        self._quic.send_stream_data(sid, b"", end_stream=True)
+        self._guarded(self._quic.send_stream_data, sid, b"", end_stream=True)
         self._maybe_forget(sid, st)
 
     def _stop(self, sid: int) -> None:
@@ -546,6 +556,14 @@ class PeerSession:
         self._streams.clear()
         self._held.clear()
         self._emit(SessionClosed(reason, code, by_peer))
+
+    def _guarded(self, fn: Callable[..., object], *args: object, **kwargs: object) -> object:
+        """An application call into the stack; ConnectionResetError if the stack is done."""
+        try:
+            return fn(*args, **kwargs)
+        except STACK_ERRORS as exc:
+            self._stack_failed(exc)
+            raise ConnectionResetError(f"connection is closed: {exc}") from None
 
     def _stack_failed(self, exc: Exception) -> None:
         # The QUIC stack itself raised (qh3 can, e.g. "packet builder capacity exhausted"
@@ -578,6 +596,8 @@ class PeerSession:
                     self.close(exc.reason, ERR_AUTH)
                 except ProtocolError as exc:
                     self.close(f"protocol error: {exc}", ERR_PROTOCOL)
+                except ConnectionResetError:
+                    pass  # the stack closed underneath (_guarded ended this session)
                 except Exception as exc:  # a bug must cost this connection, nothing more
                     log.exception("internal error on a peer session")
                     self.close(f"internal error: {exc!r}", ERR_INTERNAL)
@@ -670,7 +690,7 @@ class PeerSession:
         room = st.send_limit - st.sent
         chunk = bytes(st.blocked[:room])
         del st.blocked[:room]
-        self._quic.send_stream_data(msg.stream_id, chunk)
+        self._guarded(self._quic.send_stream_data, msg.stream_id, chunk)
         st.sent += len(chunk)
         if not st.blocked:
             self._emit(StreamWritable(msg.stream_id))
@@ -700,7 +720,7 @@ class PeerSession:
             raise ProtocolError("data stream opened before authentication")
         if self._refusing:
             # A superseded duplicate connection: its streams must not reach the node.
-            self._quic.reset_stream(sid, ERR_REFUSED)
+            self._guarded(self._quic.reset_stream, sid, ERR_REFUSED)
             self._stop(sid)
             self._mark_peer_done(sid)
             return None
@@ -782,7 +802,7 @@ class PeerSession:
         if st.first is not None:
             # Never reported: forget it quietly, and end our side of it too.
             st.send_done = True
-            self._quic.reset_stream(sid, ERR_NONE)
+            self._guarded(self._quic.reset_stream, sid, ERR_NONE)
         elif not st.recv_stopped:
             self._emit_stream(StreamResetByPeer(sid), 0)
         self._maybe_forget(sid, st)

@@ -134,12 +134,17 @@ class MembershipDriver:
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
-        deadline = self.membership.get_timer()
-        if deadline is not None and deadline <= self._now():
-            self.membership.handle_timer(self._now())
-            self._pump()  # re-arms
-        else:
-            self._arm()
+        try:
+            deadline = self.membership.get_timer()
+            if deadline is not None and deadline <= self._now():
+                self.membership.handle_timer(self._now())
+                self._pump()  # re-arms
+                return
+        except Exception:
+            # Heartbeats and death detection live on this timer: a bug in one round
+            # must not stop them for good.
+            log.exception("membership timer failed")
+        self._arm()
 
     async def leave(self) -> None:
         self._stopped = True
