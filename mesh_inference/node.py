@@ -71,6 +71,7 @@ from mesh_inference.core.messages import (
 )
 from mesh_inference.core.plan import Plan, WaitingForCapacity
 from mesh_inference.core.quarantine import Quarantine, QuarantinePolicy
+from mesh_inference.core.rpc import MANIFEST_HEADER, decode_manifest, manifest_length
 from mesh_inference.engine.backends import EngineBackend, EngineUnavailable, find_backend
 from mesh_inference.engine.host import SETTLE_S, HostController
 from mesh_inference.engine.weights import PASS_THROUGH, host_transforms, worker_transforms
@@ -172,6 +173,8 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._members: MembershipDriver | None = None
         self._endpoint: MeshEndpoint | None = None
+        # worker -> the tensor digests its file has (its manifest, read at tunnel open)
+        self._manifests: dict[str, frozenset[bytes]] = {}
         self._dialer: Dialer | None = None
         self._discovery: DiscoveryLike | None = None
         self._runner: web.AppRunner | None = None
@@ -286,6 +289,9 @@ class Node:
                 self._backend, state_dir=cfg.state_dir, threads=threads,
                 on_change=self._local_changed,
                 transforms=lambda: worker_transforms(self._model.weights),
+                manifest=lambda: (
+                    self._model.weights.manifest() if self._model.weights is not None else None
+                ),
             )  # fmt: skip
             self._host = HostController(
                 self._backend,
@@ -572,7 +578,7 @@ class Node:
             await self._host.settled()
 
     def _host_transforms(self, worker: str) -> TransformFactory:
-        """Weight references toward a worker that holds the same file; bytes otherwise."""
+        """Weight references for the tensors a worker holds; the bytes of the others."""
         weights, mine = self._model.weights, self._model.sha256
         if weights is None or mine is None or self._members is None:
             return PASS_THROUGH
@@ -581,7 +587,11 @@ class Node:
              if m.node_id == worker),
             None,
         )  # fmt: skip
-        return host_transforms(weights) if theirs == mine else PASS_THROUGH
+        if theirs == mine:
+            return host_transforms(weights)
+        # Another file (or none): references for the tensors it has, per its manifest.
+        held = self._manifests.get(worker)
+        return host_transforms(weights, held) if held else PASS_THROUGH
 
     # ------------------------------------------------------------------ model copies
     def _fetch_target(
@@ -623,8 +633,19 @@ class Node:
     # ------------------------------------------------------------------ streams
     async def _open_tunnel(self, worker: str) -> tuple[asyncio.StreamReader, Any]:
         assert self._endpoint is not None
-        payload = encode_payload(OpenTunnel("rpc"))
-        return await self._endpoint.open_stream(worker, MessageType.OPEN_TUNNEL, payload)
+        ask = self._model.weights is not None  # references need our own file
+        payload = encode_payload(OpenTunnel("rpc", manifest=ask))
+        reader, writer = await self._endpoint.open_stream(
+            worker, MessageType.OPEN_TUNNEL, payload
+        )
+        if ask:
+            try:
+                size = manifest_length(await reader.readexactly(MANIFEST_HEADER.size))
+                self._manifests[worker] = decode_manifest(await reader.readexactly(size))
+            except BaseException:
+                writer.close()
+                raise
+        return reader, writer
 
     async def _on_stream(
         self, peer_id: str, first: Frame, reader: asyncio.StreamReader, writer: Any

@@ -851,6 +851,10 @@ class FakeWeights:
     def region_at(self, file_offset: int, nbytes: int) -> rpc.TensorRegion | None:
         return self.by_pos.get((file_offset, nbytes))
 
+    def region_with(self, sha256: bytes, nbytes: int) -> rpc.TensorRegion | None:
+        return next((r for r in self.by_pos.values()
+                     if r.sha256 == sha256 and r.nbytes == nbytes), None)  # fmt: skip
+
     def read(self, file_offset: int, nbytes: int) -> memoryview:
         return self.view[file_offset : file_offset + nbytes]
 
@@ -862,6 +866,9 @@ class NoFile:
         return None
 
     def region_at(self, file_offset: int, nbytes: int) -> rpc.TensorRegion | None:
+        return None
+
+    def region_with(self, sha256: bytes, nbytes: int) -> rpc.TensorRegion | None:
         return None
 
     def read(self, file_offset: int, nbytes: int) -> memoryview:

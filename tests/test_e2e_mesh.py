@@ -263,3 +263,59 @@ def test_weights_cross_as_references_only_to_workers_that_hold_the_file(
         assert "Paris" in _ask(a, stream=False, model="smol")
     finally:
         lm.stop()
+
+
+def test_a_worker_whose_file_differs_in_one_tensor_gets_that_tensors_bytes(
+    tmp_path: Path, smollm2_path: Path
+) -> None:
+    """b's copy has one tensor of its share zeroed: the host sends references for every
+    other tensor (b's manifest lists them) and the real bytes of that one, so b computes
+    with the host's weights and the answer is the intact mesh's."""
+    import shutil
+
+    from mesh_inference.models.ggufheader import read_header
+
+    reason = _engine_available()
+    if reason:
+        pytest.skip(f"llama.cpp binaries not installed: {reason}")
+    shared, b_dir = tmp_path / "shared-models", tmp_path / "b-models"
+    shared.mkdir()
+    b_dir.mkdir()
+    shutil.copy(smollm2_path, shared / "smol.gguf")
+    shutil.copy(smollm2_path, b_dir / "smol.gguf")
+    # b is first in the split, so it holds the first layers: damage one of them.
+    _, offset, size = next(t for t in read_header(smollm2_path).tensors
+                              if t[0] == "blk.1.attn_norm.weight")  # fmt: skip
+    with open(b_dir / "smol.gguf", "r+b") as fh:
+        fh.seek(offset)
+        fh.write(bytes(size))
+    lm = LocalMesh(tmp_path / "m", extra_args=["--threads", "1"])
+    try:
+        a = lm.start_node("a", model="smol", max_vram_gb=4, args=["--models-dir", str(shared)])
+        token = lm.join_token(a)
+        b = lm.start_node("b", join=token, max_vram_gb=2,
+                          args=["--models-dir", str(b_dir), "--no-model-copy"])  # fmt: skip
+        b_id = b.status()["node"]["id"]
+        st = lm.wait_for(a, lambda s: s["ready"] and s["plan"]["order"][:1] == [b_id],
+                         timeout=300, what="engine ready on a and b")  # fmt: skip
+        peer = next(p for p in st["peers"] if p["id"] == b_id)
+        assert peer["model_sha256"] and peer["model_sha256"] != st["model"]["sha256"]
+        sent = st["tunnels"][b_id]["bytes_up"]
+        # One 2,304-byte tensor as bytes, the rest of b's ~30 MB share as references.
+        assert size <= sent < 2_000_000, st["tunnels"]
+        answer = _ask(a, stream=False, model="smol")
+        assert "Paris" in answer
+    finally:
+        lm.stop()
+    # The same question to a mesh whose worker holds the intact file: the same answer.
+    lm = LocalMesh(tmp_path / "m2", extra_args=["--threads", "1"])
+    try:
+        a = lm.start_node("a", model="smol", max_vram_gb=4, args=["--models-dir", str(shared)])
+        b = lm.start_node("b", join=lm.join_token(a), max_vram_gb=2,
+                          args=["--models-dir", str(shared)])  # fmt: skip
+        b_id = b.status()["node"]["id"]
+        lm.wait_for(a, lambda s: s["ready"] and s["plan"]["order"][:1] == [b_id], timeout=300,
+                    what="engine ready on a and b")  # fmt: skip
+        assert _ask(a, stream=False, model="smol") == answer
+    finally:
+        lm.stop()

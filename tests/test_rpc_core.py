@@ -112,6 +112,10 @@ class FakeWeights:
     def region_at(self, file_offset: int, nbytes: int) -> TensorRegion | None:
         return self.by_pos.get((file_offset, nbytes))
 
+    def region_with(self, sha256: bytes, nbytes: int) -> TensorRegion | None:
+        return next((r for r in self.by_pos.values()
+                     if r.sha256 == sha256 and r.nbytes == nbytes), None)  # fmt: skip
+
     def read(self, file_offset: int, nbytes: int) -> memoryview:
         self.reads += 1
         return self.view[file_offset : file_offset + nbytes]
@@ -384,7 +388,7 @@ def test_worker_with_a_different_file_refuses() -> None:
         bytes(blob), [(r.name, r.file_offset, r.nbytes) for r in WEIGHTS.by_name.values()]
     )
     ref = _reference_for("token_embd.weight")
-    with pytest.raises(RpcError, match="differs"):
+    with pytest.raises(RpcError, match="lacks that tensor"):
         WorkerExpander(other).feed(ref)
     # Its other tensors are the same bytes: those expand.
     ref2 = _reference_for("output.weight")
@@ -393,8 +397,40 @@ def test_worker_with_a_different_file_refuses() -> None:
 
 def test_worker_without_that_region_refuses() -> None:
     shifted = FakeWeights(BLOB, [("token_embd.weight", 0, 4096)])
-    with pytest.raises(RpcError, match="no tensor"):
+    with pytest.raises(RpcError, match="lacks that tensor"):
         WorkerExpander(shifted).feed(_reference_for("token_embd.weight"))
+
+
+def test_the_same_tensor_at_another_offset_expands() -> None:
+    """Content decides, not the place: a file with other metadata has its tensors elsewhere
+    (so a reference's file offset, even a nonsense one, only speeds up the look-up)."""
+    moved = b"\0" * 100 + BLOB  # every tensor 100 bytes later
+    other = FakeWeights(moved, [(r.name, r.file_offset + 100, r.nbytes)
+                                for r in WEIGHTS.by_name.values()])  # fmt: skip
+    ref = _reference_for("blk.0.attn_q.weight")
+    out = worker_run(WorkerExpander(other), [ref])
+    assert out == set_tensor("blk.0.attn_q.weight", region_bytes("blk.0.attn_q.weight"))
+    nonsense = ref[: 9 + 305] + struct.pack("<Q", 2**63) + ref[9 + 313 :]
+    assert worker_run(WorkerExpander(other), [nonsense]) == out
+
+
+def test_a_tensor_the_worker_lacks_crosses_as_bytes_the_rest_as_references() -> None:
+    """The worker's manifest (its tensors' digests) decides per tensor."""
+    blob = bytearray(BLOB)
+    blob[600] ^= 1  # token_embd.weight differs in the worker's copy
+    other = FakeWeights(
+        bytes(blob), [(r.name, r.file_offset, r.nbytes) for r in WEIGHTS.by_name.values()]
+    )
+    held = {r.sha256 for r in other.by_name.values()}
+    load = [set_tensor(name, region_bytes(name)) for name in WEIGHTS.by_name]
+    tunnel, _ = host_run(HostRewriter(WEIGHTS, held), load)
+    rw = HostRewriter(WEIGHTS, held)
+    host_run(rw, load)
+    assert rw.referenced_tensors == len(load) - 1
+    embd = WEIGHTS.by_name["token_embd.weight"].nbytes
+    assert embd <= rw.passed_bytes - rw.referenced_tensors * (REF_SIZE + 9) < embd + 400
+    # The worker rebuilds the host's exact stream, the host's bytes for the tensor it lacks.
+    assert worker_run(WorkerExpander(other), [tunnel]) == b"".join(load)
 
 
 @pytest.mark.parametrize(
@@ -405,7 +441,7 @@ def test_worker_without_that_region_refuses() -> None:
         lambda r: r[:-8] + struct.pack("<Q", 0),  # n = 0
         lambda r: r[:-8] + struct.pack("<Q", 5000),  # n past the region
         lambda r: r[: 9 + 297] + struct.pack("<Q", 4000) + r[9 + 305 :],  # offset + n past it
-        lambda r: r[: 9 + 305] + struct.pack("<Q", 2**63) + r[9 + 313 :],  # file offset
+        lambda r: r[: 9 + 321] + bytes(32) + r[9 + 353 :],  # a digest this file lacks
     ],
 )
 def test_malformed_reference_is_an_error(mutate: Any) -> None:
@@ -568,6 +604,10 @@ class GgufWeights:
 
     def region_at(self, file_offset: int, nbytes: int) -> TensorRegion | None:
         return self.by_pos.get((file_offset, nbytes))
+
+    def region_with(self, sha256: bytes, nbytes: int) -> TensorRegion | None:
+        return next((r for r in self.by_pos.values()
+                     if r.sha256 == sha256 and r.nbytes == nbytes), None)  # fmt: skip
 
     def read(self, file_offset: int, nbytes: int) -> memoryview:
         return self._view[file_offset : file_offset + nbytes]

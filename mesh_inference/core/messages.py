@@ -167,6 +167,9 @@ class ErrorMessage:
 @dataclass(frozen=True, slots=True)
 class OpenTunnel:
     service: str
+    # The host asks for the worker's tensor manifest: before the RPC bytes, the worker
+    # sends u32 LE count + count x 32-byte sha256 of the tensors its model file has.
+    manifest: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +267,8 @@ def _to_json(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Goodbye | ErrorMessage):
         return {"reason": msg.reason}
     if isinstance(msg, OpenTunnel):
-        return {"service": msg.service}
+        return {"service": msg.service, "manifest": True} if msg.manifest else {
+            "service": msg.service}
     if isinstance(msg, TaskHead):
         return {"method": msg.method, "path": msg.path, "headers": [list(h) for h in msg.headers]}
     if isinstance(msg, ResultHead):
@@ -308,6 +312,9 @@ class _Obj:
             raise ProtocolError(f"{where}: expected a JSON object, got {_kind(value)}")
         self._d: dict[str, Any] = value
         self._where = where
+
+    def has(self, key: str) -> bool:
+        return key in self._d
 
     def raw(self, key: str) -> Any:
         if key not in self._d:
@@ -480,7 +487,7 @@ def _open_tunnel(o: _Obj) -> OpenTunnel:
     service = o.str_("service", MAX_SERVICE)
     if not _SERVICE.fullmatch(service):
         raise o.fail("service", f"{service!r} is not a service name")
-    return OpenTunnel(service)
+    return OpenTunnel(service, o.bool_("manifest") if o.has("manifest") else False)
 
 
 def _task(o: _Obj) -> TaskHead:

@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -199,7 +200,36 @@ class WeightFile(Protocol):
 
     def region_at(self, file_offset: int, nbytes: int) -> TensorRegion | None: ...
 
+    def region_with(self, sha256: bytes, nbytes: int) -> TensorRegion | None:
+        """A tensor of this file whose bytes have this digest (wherever it lies)."""
+        ...
+
     def read(self, file_offset: int, nbytes: int) -> memoryview: ...
+
+
+# The worker's tensor manifest, sent once before the RPC bytes when the host asks
+# (OpenTunnel.manifest): u32 LE count, then count sha256 digests of 32 bytes.
+MANIFEST_HEADER: Final = struct.Struct("<I")
+MAX_MANIFEST: Final = 1 << 16  # tensors; a 405B model has ~1,100
+
+
+def encode_manifest(digests: bytes) -> bytes:
+    """``digests``: concatenated 32-byte sha256s (as MappedWeights.manifest() gives)."""
+    if len(digests) % 32 or len(digests) // 32 > MAX_MANIFEST:
+        raise ValueError("a manifest is at most MAX_MANIFEST 32-byte digests")
+    return MANIFEST_HEADER.pack(len(digests) // 32) + digests
+
+
+def manifest_length(header: bytes) -> int:
+    """Bytes of digests that follow a manifest header; RpcError if implausible."""
+    count = int(MANIFEST_HEADER.unpack(header)[0])
+    if count > MAX_MANIFEST:
+        raise RpcError(f"a tensor manifest of {count} entries")
+    return 32 * count
+
+
+def decode_manifest(digests: bytes) -> frozenset[bytes]:
+    return frozenset(digests[i : i + 32] for i in range(0, len(digests), 32))
 
 
 def tensor_name(tensor: bytes | bytearray | memoryview) -> str:
@@ -295,11 +325,17 @@ class HostRewriter(_RequestFraming):
     SET_TENSORs whose data equal the bytes of a tensor of ``weights`` leave
     as references; SET_TENSOR_HASH is answered here ("not cached", so the
     data follows and becomes a reference); everything else passes through
-    byte-exact. ``weights=None`` forwards everything untouched.
+    byte-exact. ``weights=None`` forwards everything untouched. ``held``: the
+    digests of the tensors the worker's own file has (its manifest, sent when the
+    tunnel opens); a tensor it lacks crosses as bytes. ``None``: it has them all
+    (the same file).
     """
 
-    def __init__(self, weights: WeightFile | None) -> None:
+    def __init__(
+        self, weights: WeightFile | None, held: Container[bytes] | None = None
+    ) -> None:
         self._weights = weights
+        self._held = held
         self._to_worker: list[Chunk] = []
         self._to_client: list[bytes] = []
         # Request parser.
@@ -453,7 +489,11 @@ class HostRewriter(_RequestFraming):
         (offset,) = _OFFSET_FIELD.unpack_from(head, REQ_HEADER_SIZE + TENSOR_SIZE + 1)
         region = self._weights.region_named(tensor_name(tensor))
         n = self._remaining
-        if region is not None and offset + n <= region.nbytes:
+        if (
+            region is not None
+            and offset + n <= region.nbytes
+            and (self._held is None or region.sha256 in self._held)
+        ):
             self._region = region
             self._match_start = self._match_pos = region.file_offset + offset
             self._state = _MATCH
@@ -636,14 +676,14 @@ class WorkerExpander(_RequestFraming):
         name = tensor_name(ref)
         if n <= 0 or offset + n > nbytes:
             raise RpcError(f"weight reference for {name!r} is out of its region")
+        # Content decides, not the place: a file whose metadata differs from the host's
+        # has the same tensors at other offsets.
         region = self._weights.region_at(file_offset, nbytes)
-        if region is None:
-            raise RpcError(
-                f"weight reference for {name!r}: no tensor at {file_offset}+{nbytes} in this file"
-            )
-        if region.file_offset != file_offset or region.nbytes != nbytes or region.sha256 != digest:
-            raise RpcError(f"weight reference for {name!r}: this worker's file differs")
-        view = self._weights.read(file_offset + offset, n)
+        if region is None or region.nbytes != nbytes or region.sha256 != digest:
+            region = self._weights.region_with(digest, nbytes)
+        if region is None or region.nbytes != nbytes or region.sha256 != digest:
+            raise RpcError(f"weight reference for {name!r}: this worker's file lacks that tensor")
+        view = self._weights.read(region.file_offset + offset, n)
         if len(view) != n:
             raise RpcError(f"weight reference for {name!r}: short read from the model file")
         out.append(

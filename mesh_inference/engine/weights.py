@@ -18,7 +18,7 @@ rpc-server.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 from mesh_inference.core.rpc import (
     HostRewriter,
@@ -38,9 +38,9 @@ def PASS_THROUGH() -> tuple[Transform, Transform]:
     return _identity, _identity
 
 
-def host_transforms(weights: WeightFile) -> TransformFactory:
+def host_transforms(weights: WeightFile, held: Container[bytes] | None = None) -> TransformFactory:
     def make() -> tuple[Transform, Transform]:
-        rewriter = HostRewriter(weights)
+        rewriter = HostRewriter(weights, held)
 
         def up(data: bytes) -> tuple[Sequence[Chunk], Sequence[Chunk]]:
             rewriter.feed_request(data)
@@ -75,6 +75,9 @@ class _NoFile:
         return None
 
     def region_at(self, file_offset: int, nbytes: int) -> TensorRegion | None:
+        return None
+
+    def region_with(self, sha256: bytes, nbytes: int) -> TensorRegion | None:
         return None
 
     def read(self, file_offset: int, nbytes: int) -> memoryview:

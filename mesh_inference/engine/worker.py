@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_inference.core.messages import OpenTunnel
+from mesh_inference.core.rpc import encode_manifest
 from mesh_inference.engine.backends import EngineBackend
 from mesh_inference.engine.supervisor import ProcessSupervisor, SupervisorEvent, SupervisorState
 from mesh_inference.net.addresses import free_tcp_port
@@ -53,8 +54,10 @@ class WorkerService:
         on_change: Callable[[], None],
         host_converge_s: float = HOST_CONVERGE_S,
         transforms: Callable[[], TransformFactory | None] = lambda: None,
+        manifest: Callable[[], bytes | None] = lambda: None,
     ) -> None:
         self._transforms = transforms
+        self._manifest = manifest  # this node's tensor digests (core.rpc manifest)
         self._backend = backend
         self._state_dir = state_dir
         self._threads = threads
@@ -134,6 +137,10 @@ class WorkerService:
         if not self.ready:
             writer.close()
             return
+        if msg.manifest:
+            # Which tensors this node's own file has: the host sends references for
+            # those and the bytes of the rest.
+            writer.write(encode_manifest(self._manifest() or b""))
         await bridge_to_local(
             reader, writer, "127.0.0.1", self.port, transforms=self._transforms()
         )

@@ -142,6 +142,7 @@ class MappedWeights:
         self.index = index
         self._by_name = {r.name: r for r in index.regions}
         self._by_place = {(r.file_offset, r.nbytes): r for r in index.regions}
+        self._by_digest = {(r.sha256, r.nbytes): r for r in index.regions}
         fd = os.open(path, os.O_RDONLY)
         try:
             if os.fstat(fd).st_size != index.size:
@@ -174,6 +175,13 @@ class MappedWeights:
 
     def region_at(self, file_offset: int, nbytes: int) -> TensorRegion | None:
         return self._by_place.get((file_offset, nbytes))
+
+    def region_with(self, sha256: bytes, nbytes: int) -> TensorRegion | None:
+        return self._by_digest.get((sha256, nbytes))
+
+    def manifest(self) -> bytes:
+        """Every tensor's sha256, concatenated: what this file can expand references to."""
+        return b"".join(sorted({r.sha256 for r in self.index.regions}))
 
     def read(self, file_offset: int, nbytes: int) -> memoryview:
         if file_offset < 0 or nbytes < 0 or file_offset + nbytes > self.index.size:
