@@ -379,3 +379,33 @@ def test_random_json_raises_nothing_but_protocol_error(mtype: MessageType, value
 def test_random_bytes_raise_nothing_but_protocol_error(mtype: MessageType, payload: bytes) -> None:
     with contextlib.suppress(ProtocolError):
         decode_payload(mtype, payload)
+
+
+def test_open_tunnel_may_ask_for_the_workers_manifest() -> None:
+    asked = OpenTunnel("rpc", manifest=True)
+    assert json.loads(encode_payload(asked)) == {"service": "rpc", "manifest": True}
+    assert decode_payload(MessageType.OPEN_TUNNEL, encode_payload(asked)) == asked
+    # An older host's request (no field) asks for none.
+    assert decode_payload(MessageType.OPEN_TUNNEL, b'{"service":"rpc"}') == OpenTunnel("rpc")
+    with pytest.raises(ProtocolError, match="manifest"):
+        decode_payload(MessageType.OPEN_TUNNEL, b'{"service":"rpc","manifest":"yes"}')
+
+
+def test_manifest_codec_bounds_the_count() -> None:
+    from mesh_inference.core.rpc import (
+        MANIFEST_HEADER,
+        MAX_MANIFEST,
+        RpcError,
+        decode_manifest,
+        encode_manifest,
+        manifest_length,
+    )
+
+    digests = bytes(range(32)) + bytes(32)
+    wire = encode_manifest(digests)
+    assert manifest_length(wire[: MANIFEST_HEADER.size]) == 64
+    assert decode_manifest(wire[MANIFEST_HEADER.size :]) == {bytes(range(32)), bytes(32)}
+    with pytest.raises(RpcError):
+        manifest_length(MANIFEST_HEADER.pack(MAX_MANIFEST + 1))
+    with pytest.raises(ValueError):
+        encode_manifest(b"x" * 33)
