@@ -8,7 +8,6 @@ proxy (exactly as a peer's Task is served). Every bad body is sent to both.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,10 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from gatewaymesh import start, task_server
 
 from mesh_inference.api.gateway import NoHostError, create_app
-from mesh_inference.api.openai import make_task_handler
-from mesh_inference.net.proxy import serve_task
 
 pytestmark = pytest.mark.timeout(60)
 TOKEN = "t" * 43  # a console token; these tests do not log in
@@ -78,14 +76,6 @@ class Backend:
         yield "status", self.status()
 
 
-async def start(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
 @pytest.fixture
 async def mesh() -> AsyncIterator[dict[str, Any]]:
     """fake llama ← host gateway; fake llama ← host Task handler ← TCP ← worker gateway.
@@ -97,23 +87,11 @@ async def mesh() -> AsyncIterator[dict[str, Any]]:
     # request_wait: a 503 from a loading engine is waited out for that long, then answered.
     r2, host_url = await start(create_app(host_backend, console_dir=None, console_token=TOKEN,
                                           model_aliases=[ALIAS], request_wait=0.2))
-    session = aiohttp.ClientSession()
-
-    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_task(reader, writer, make_task_handler(host_backend, session))
-
-    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-
-    async def opener() -> tuple[Any, Any]:
-        return await asyncio.open_connection("127.0.0.1", port)
-
-    r3, worker_url = await start(create_app(Backend(None, opener), console_dir=None,
-                                            console_token=TOKEN, model_aliases=[ALIAS],
-                                            request_wait=0.2))
-    yield {"host": host_url, "worker": worker_url, "seen": seen}
-    server.close()
-    await session.close()
+    async with task_server(host_backend) as opener:
+        r3, worker_url = await start(create_app(Backend(None, opener), console_dir=None,
+                                                console_token=TOKEN, model_aliases=[ALIAS],
+                                                request_wait=0.2))
+        yield {"host": host_url, "worker": worker_url, "seen": seen}
     for r in (r3, r2, r1):
         await r.cleanup()
 

@@ -25,12 +25,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from click.testing import CliRunner
+from gatewaymesh import start, task_server
 
 from mesh_inference.api.gateway import NoHostError, create_app
-from mesh_inference.api.openai import make_task_handler
 from mesh_inference.api.security import AccessPolicy, public_bind_problem
 from mesh_inference.cli.main import cli
-from mesh_inference.net.proxy import serve_task
 from mesh_inference.node import Node, NodeConfig
 
 pytestmark = pytest.mark.timeout(120)
@@ -94,14 +93,6 @@ class Backend:
         await asyncio.Event().wait()
 
 
-async def start(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
 @pytest.fixture
 async def mesh() -> AsyncIterator[dict[str, Any]]:
     """fake llama ← host gateway (its own key); ← Task handler ← TCP ← worker gateway (KEY)."""
@@ -110,24 +101,12 @@ async def mesh() -> AsyncIterator[dict[str, Any]]:
     host_backend = Backend(llama_url)
     r2, host_url = await start(create_app(host_backend, console_dir=None, console_token=TOKEN,
                                           api_key="the-host-has-another-key"))
-    session = aiohttp.ClientSession()
-
-    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_task(reader, writer, make_task_handler(host_backend, session))
-
-    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-
-    async def opener() -> tuple[Any, Any]:
-        return await asyncio.open_connection("127.0.0.1", port)
-
-    r3, worker_url = await start(create_app(Backend(None, opener), console_dir=None,
-                                            console_token=TOKEN, api_key=KEY))
-    r4, open_url = await start(create_app(Backend(llama_url), console_dir=None,
-                                          console_token=TOKEN))
-    yield {"host": host_url, "worker": worker_url, "open": open_url, "seen": seen}
-    server.close()
-    await session.close()
+    async with task_server(host_backend) as opener:
+        r3, worker_url = await start(create_app(Backend(None, opener), console_dir=None,
+                                                console_token=TOKEN, api_key=KEY))
+        r4, open_url = await start(create_app(Backend(llama_url), console_dir=None,
+                                              console_token=TOKEN))
+        yield {"host": host_url, "worker": worker_url, "open": open_url, "seen": seen}
     for r in (r4, r3, r2, r1):
         await r.cleanup()
 

@@ -17,11 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from test_gateway_core import TOKEN, Backend, start
+from gatewaymesh import start, task_server
+from test_gateway_core import TOKEN, Backend
 
 from mesh_inference.api.gateway import create_app
-from mesh_inference.api.openai import make_task_handler
-from mesh_inference.net.proxy import serve_task
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,23 +97,11 @@ async def mesh() -> AsyncIterator[dict[str, Any]]:
     host_backend = Backend(engine_url, host=True)
     r2, host_url = await start(create_app(host_backend, console_dir=None, console_token=TOKEN,
                                           request_wait=5.0))
-    session = aiohttp.ClientSession()
-
-    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_task(reader, writer, make_task_handler(host_backend, session))
-
-    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-
-    async def opener() -> tuple[Any, Any]:
-        return await asyncio.open_connection("127.0.0.1", port)
-
-    r3, worker_url = await start(create_app(Backend(None, host=False, opener=opener),
-                                            console_dir=None, console_token=TOKEN,
-                                            request_wait=5.0))
-    yield {"host": host_url, "worker": worker_url, "engine": engine, "backend": host_backend}
-    server.close()
-    await session.close()
+    async with task_server(host_backend) as opener:
+        r3, worker_url = await start(create_app(Backend(None, host=False, opener=opener),
+                                                console_dir=None, console_token=TOKEN,
+                                                request_wait=5.0))
+        yield {"host": host_url, "worker": worker_url, "engine": engine, "backend": host_backend}
     for r in (r3, r2, r1):
         await r.cleanup()
 

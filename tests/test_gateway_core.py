@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from gatewaymesh import start, task_server
 
 from mesh_inference.api.gateway import NoHostError, create_app
-from mesh_inference.api.openai import make_task_handler
 from mesh_inference.core.dcf import Frame, FrameDecoder, MessageType
 from mesh_inference.core.messages import TaskHead
 from mesh_inference.net.proxy import (
@@ -37,15 +37,6 @@ def gateway(backend: Any, request_wait: float = 0.0) -> web.Application:
     # No waiting by default: most tests here look at the answer a mesh without a host
     # or an engine gives; the waiting itself has tests of its own.
     return create_app(backend, console_dir=None, console_token=TOKEN, request_wait=request_wait)
-
-
-async def start(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handler_cancellation=True)  # as the node runs it
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 def fake_llama() -> tuple[web.Application, asyncio.Event]:
@@ -114,22 +105,10 @@ async def mesh() -> AsyncIterator[dict[str, Any]]:
     r1, llama_url = await start(llama_app)
     host_backend = Backend(llama_url, host=True)
     r2, host_url = await start(gateway(host_backend))
-    session = aiohttp.ClientSession()
-
-    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_task(reader, writer, make_task_handler(host_backend, session))
-
-    server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-
-    async def opener() -> tuple[Any, Any]:
-        return await asyncio.open_connection("127.0.0.1", port)
-
-    r3, worker_url = await start(gateway(Backend(None, host=False, opener=opener)))
-    yield {"llama": llama_url, "host": host_url, "worker": worker_url, "release": release,
-           "host_backend": host_backend, "session": session}
-    server.close()
-    await session.close()
+    async with task_server(host_backend) as opener:
+        r3, worker_url = await start(gateway(Backend(None, host=False, opener=opener)))
+        yield {"llama": llama_url, "host": host_url, "worker": worker_url, "release": release,
+               "host_backend": host_backend}
     for r in (r3, r2, r1):
         await r.cleanup()
 

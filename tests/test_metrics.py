@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from gatewaymesh import start
 from ggufs import tiny_gguf
 from prometheus_client.parser import text_string_to_metric_families
 from test_node_inprocess import make_node, ready_with, until
@@ -178,13 +179,6 @@ class Backend:
 
     async def subscribe(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         yield "status", self.status()
-
-
-async def start(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from test_gateway_core import start
+from gatewaymesh import start
 
 from mesh_inference.api.replay import replay_into_cache
 
