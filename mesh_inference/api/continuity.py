@@ -51,10 +51,8 @@ Attempt = Callable[[bytes, bool], Awaitable[ProxiedResponse]]
 
 
 async def _close(resp: ProxiedResponse) -> None:
-    aclose = getattr(resp.body_iter, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
+    with contextlib.suppress(Exception):
+        await resp.aclose()
 
 
 async def _read_all(resp: ProxiedResponse) -> bytes:
@@ -62,14 +60,10 @@ async def _read_all(resp: ProxiedResponse) -> bytes:
     return b"".join(parts)
 
 
-async def _single(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
 def _unavailable(message: str) -> ProxiedResponse:
     err = {"error": {"message": message, "type": "service_unavailable", "code": "no_host"}}
-    return ProxiedResponse(
-        503, [("content-type", "application/json")], _single(json.dumps(err).encode())
+    return ProxiedResponse.of_bytes(
+        503, [("content-type", "application/json")], json.dumps(err).encode()
     )
 
 
@@ -112,7 +106,7 @@ async def complete_with_retries(
                 log.info("answer broke while being read: %s", exc)
                 resp = None
             else:
-                return ProxiedResponse(resp.status, resp.headers, _single(data))
+                return ProxiedResponse.of_bytes(resp.status, resp.headers, data)
         if resp is not None:
             if resp.status != 200 or not _is_sse(resp):
                 return resp

@@ -80,10 +80,8 @@ async def _relay(request: web.Request, resp: ProxiedResponse) -> web.StreamRespo
                 await out.write(f"data: {json.dumps(err)}\n\n".encode())
         return out
     finally:
-        aclose = getattr(resp.body_iter, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
+        with contextlib.suppress(Exception):
+            await resp.aclose()
     with contextlib.suppress(ConnectionError):
         await out.write_eof()
     return out

@@ -82,14 +82,9 @@ def openai_error(
     return web.json_response(error_json(message, type, code, param), status=status)
 
 
-async def _single(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
 def json_response(status: int, data: dict[str, Any]) -> ProxiedResponse:
-    return ProxiedResponse(
-        status, [("content-type", JSON_TYPE)], _single(json.dumps(data).encode())
-    )
+    return ProxiedResponse.of_bytes(status, [("content-type", JSON_TYPE)],
+                                    json.dumps(data).encode())
 
 
 def error_response(
@@ -402,9 +397,7 @@ async def engine_input_error(resp: ProxiedResponse) -> ProxiedResponse:
             async for rest in resp.body_iter:
                 yield rest
         finally:
-            aclose = getattr(resp.body_iter, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await resp.aclose()
 
     return ProxiedResponse(resp.status, resp.headers, replay())
 

@@ -50,6 +50,17 @@ class ProxiedResponse:
     headers: list[tuple[str, str]]
     body_iter: AsyncIterator[bytes]
 
+    @classmethod
+    def of_bytes(cls, status: int, headers: list[tuple[str, str]], data: bytes) -> ProxiedResponse:
+        """An answer whose whole body is already here."""
+        return cls(status, headers, _single(data))
+
+    async def aclose(self) -> None:
+        """Release the body's upstream (a connection to the engine or the host)."""
+        aclose = getattr(self.body_iter, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
 
 Handler = Callable[[TaskHead, bytes], Awaitable[ProxiedResponse]]
 
@@ -174,14 +185,12 @@ async def serve_task(
                 raise ProtocolError(f"unexpected {frame.type.name} in a request body")
             body += frame.payload
             if len(body) > MAX_BODY:
-                resp = ProxiedResponse(
+                resp = ProxiedResponse.of_bytes(
                     413,
                     [("content-type", "application/json")],
-                    _single(
-                        b'{"error":{"message":"request body too large",'
-                        b'"type":"invalid_request_error",'
-                        b'"code":"body_too_large"}}'
-                    ),
+                    b'{"error":{"message":"request body too large",'
+                    b'"type":"invalid_request_error",'
+                    b'"code":"body_too_large"}}',
                 )
                 break
         else:
@@ -225,9 +234,7 @@ async def serve_task(
         except Exception:
             writer.close()
     finally:
-        aclose = getattr(resp.body_iter, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await resp.aclose()
 
 
 async def _single(data: bytes) -> AsyncIterator[bytes]:
