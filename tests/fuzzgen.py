@@ -130,6 +130,7 @@ from mesh_inference.core.session import (
     StreamOpened,
     quic_configuration,
 )
+from mesh_inference.engine.weights import NO_FILE
 from mesh_inference.net.proxy import ProxiedResponse
 
 TARGETS = ("dcf", "messages", "rpc", "http", "session")
@@ -833,7 +834,7 @@ class DcfTarget(Target):
 
 # ============================================================================ rpc
 class FakeWeights:
-    """A WeightFile over a bytes buffer (as tests/test_rpc_core.py has it)."""
+    """A WeightFile over a bytes buffer (tests/test_rpc_core.py uses it too)."""
 
     def __init__(self, blob: bytes, regions: Iterable[tuple[str, int, int]]) -> None:
         self.blob = blob
@@ -857,22 +858,6 @@ class FakeWeights:
 
     def read(self, file_offset: int, nbytes: int) -> memoryview:
         return self.view[file_offset : file_offset + nbytes]
-
-
-class NoFile:
-    """A worker without the model file (engine/weights.py's ``_NoFile``)."""
-
-    def region_named(self, name: str) -> rpc.TensorRegion | None:
-        return None
-
-    def region_at(self, file_offset: int, nbytes: int) -> rpc.TensorRegion | None:
-        return None
-
-    def region_with(self, sha256: bytes, nbytes: int) -> rpc.TensorRegion | None:
-        return None
-
-    def read(self, file_offset: int, nbytes: int) -> memoryview:
-        raise rpc.RpcError("no copy of the model")
 
 
 _BLOB = random.Random(7).randbytes(16384)
@@ -1061,7 +1046,7 @@ class RpcTarget(Target):
 
     def _worker(self, rng: random.Random) -> str:
         data, _ = self._stream(rng, refs=True)
-        weights: Any = WEIGHTS if rng.random() < 0.85 else NoFile()
+        weights: Any = WEIGHTS if rng.random() < 0.85 else NO_FILE
         chunks = split(rng, data)
         self.last = (f"worker {type(weights).__name__} chunks={[len(c) for c in chunks][:20]} "
                      f"data={_short(data)}")

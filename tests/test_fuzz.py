@@ -197,7 +197,7 @@ def test_rpc_host_delivers_the_clients_bytes_or_refuses_in_any_split(
 def test_rpc_worker_output_does_not_depend_on_the_split(
     data: bytes, points: list[int], has_file: bool
 ) -> None:
-    weights: Any = fuzzgen.WEIGHTS if has_file else fuzzgen.NoFile()
+    weights: Any = fuzzgen.WEIGHTS if has_file else fuzzgen.NO_FILE
     whole = fuzzgen.run_worker(weights, [data])
     parts = fuzzgen.run_worker(weights, cut(data, points))
     assert (whole[1] is None) == (parts[1] is None)

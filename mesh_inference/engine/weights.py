@@ -55,7 +55,7 @@ def host_transforms(weights: WeightFile, held: Container[bytes] | None = None) -
 
 
 def worker_transforms(weights: WeightFile | None) -> TransformFactory:
-    source = weights if weights is not None else _NO_FILE
+    source = weights if weights is not None else NO_FILE
 
     def make() -> tuple[Transform, Transform]:
         expander = WorkerExpander(source)
@@ -84,4 +84,4 @@ class _NoFile:
         raise RpcError("a weight reference reached a worker that has no copy of the model")
 
 
-_NO_FILE = _NoFile()
+NO_FILE = _NoFile()
