@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_e2e_mesh import _engine_available
 
 from mesh_inference.cli.devmesh import LocalMesh, NodeProcess
 
@@ -38,12 +39,9 @@ STORY = {
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from mesh_inference.engine.backends import EngineUnavailable, find_backend
-
-    try:
-        find_backend("bin")
-    except EngineUnavailable as exc:
-        pytest.skip(f"llama.cpp binaries not installed: {exc}")
+    reason = _engine_available()
+    if reason:
+        pytest.skip(f"llama.cpp binaries not installed: {reason}")
     root: Path = tmp_path_factory.mktemp("resume")
     lm = LocalMesh(root, extra_args=["--threads", "1"])
     try:
